@@ -1,0 +1,56 @@
+"""``create_model`` / ``list_models``: timm's registry, restricted to dynzoo's models, with clear errors."""
+import difflib
+from typing import Any, Dict, List, Optional
+
+import timm
+from timm.models import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
+
+
+class UnknownModelError(ValueError, RuntimeError):
+    """A model name (or pretrained tag) that dynzoo does not register."""
+
+
+def is_dynzoo_model(name: str) -> bool:
+    """True for ``architecture`` or ``architecture.tag`` names registered by dynzoo (not by timm itself)."""
+    arch = split_model_name_tag(name)[0]
+    return is_model(arch) and model_entrypoint(arch).__module__.startswith('dynzoo.')
+
+
+def list_models(filter: str = '', pretrained: bool = False, exclude_filters: str = '') -> List[str]:
+    """dynzoo's registered models matching the wildcard ``filter``; with ``pretrained=True``, the tagged weights."""
+    names = timm.list_models(filter or '', pretrained=pretrained, exclude_filters=exclude_filters)
+    return [n for n in names if is_dynzoo_model(n)]
+
+
+def _check_name(model_name: str) -> None:
+    if model_name.startswith(('hf-hub:', 'local-dir:')):
+        return
+    arch, tag = split_model_name_tag(model_name)
+    if not is_dynzoo_model(arch):
+        known = list_models()
+        close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
+        hint = f' Did you mean: {", ".join(close)}?' if close else ''
+        raise UnknownModelError(
+            f'Unknown dynzoo model {arch!r}.{hint} dynzoo.list_models() lists all {len(known)} models.')
+    if tag and get_pretrained_cfg(model_name, allow_unregistered=False) is None:
+        tags = [n for n in list_models(f'{arch}.*', pretrained=False) if '.' in n]
+        raise UnknownModelError(
+            f'{arch!r} has no pretrained tag {tag!r}. Known tags: {", ".join(tags) or "none"}.')
+
+
+def create_model(
+        model_name: str,
+        pretrained: bool = False,
+        num_classes: Optional[int] = None,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+        **kwargs,
+):
+    """Build a dynzoo model by name, as ``timm.create_model`` does (``arch`` or ``arch.tag`` or ``hf-hub:org/repo``).
+
+    ``pretrained_cfg_overlay=dict(file=PATH)`` loads a local checkpoint, including the authors' own files.
+    """
+    _check_name(model_name)
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    return timm.create_model(model_name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay,
+                             **kwargs)

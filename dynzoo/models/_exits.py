@@ -1,0 +1,103 @@
+"""What every dynzoo multi-exit network shares.
+
+A multi-exit network is a chain of *stages*, each followed by an exit *head*. A subclass implements
+
+* ``forward_stage(k, state)``: the work between exit ``k - 1`` and exit ``k`` (``state`` is the input image for
+  ``k == 0``, otherwise what ``forward_stage(k - 1, ...)`` returned: a tensor or a nested list/tuple of tensors),
+* ``forward_head(k, state)``: the logits of exit ``k`` from the state after stage ``k``,
+* ``exit_heads()``: the exit classifiers (the modules that ``get_classifier``/``reset_classifier`` act on),
+* ``valid_input_size(height, width)``: whether the network can take an input of that size,
+
+and sets ``num_exits``, ``in_chans`` and ``default_input_size``. The base class then provides the dynzoo convention:
+``forward(x)`` returns a list of logits, shallow exit first; ``iter_exits(x)`` yields them one by one and lets the
+caller drop samples between exits (real early exit); FLOPs counters trace ``forward_stage``/``forward_head`` to
+cost any subset of the network.
+"""
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+def select_batch(state, index: torch.Tensor):
+    """Keep the samples ``index`` of every tensor in a (nested list/tuple of) batch tensor(s)."""
+    if isinstance(state, torch.Tensor):
+        return state.index_select(0, index)
+    if isinstance(state, (list, tuple)):
+        return type(state)(select_batch(s, index) for s in state)
+    raise TypeError(f'cannot select samples from a stage state of type {type(state).__name__}')
+
+
+def flatten_tensors(state) -> List[torch.Tensor]:
+    """All tensors of a (nested list/tuple) stage state, in order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    return [t for s in state for t in flatten_tensors(s)]
+
+
+class MultiExitNetwork(nn.Module):
+    """Base class of dynzoo's multi-exit networks (see the module docstring for the contract)."""
+
+    num_exits: int
+    in_chans: int = 3
+    default_input_size: Sequence[int] = (3, 224, 224)
+
+    def forward_stage(self, k: int, state):
+        raise NotImplementedError
+
+    def forward_head(self, k: int, state) -> torch.Tensor:
+        raise NotImplementedError
+
+    def exit_heads(self) -> List[nn.Module]:
+        raise NotImplementedError
+
+    def valid_input_size(self, height: int, width: int) -> bool:
+        return (height, width) == tuple(self.default_input_size[1:])
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ``ValueError`` that states the expected input unless ``x`` is a batch the network can take."""
+        expected = 'x'.join(str(s) for s in self.default_input_size)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f'{type(self).__name__} expects a batch of images of shape (N, {", ".join(map(str, self.default_input_size))}), '
+                f'got {shape}. Add a batch dimension with x.unsqueeze(0) for a single image.')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'{type(self).__name__} expects {self.in_chans}-channel input (N x {expected}), got {x.shape[1]} '
+                f'channels in a batch of shape {tuple(x.shape)}. Convert grayscale/RGBA images to RGB first.')
+        height, width = x.shape[-2:]
+        if not self.valid_input_size(height, width):
+            raise ValueError(
+                f'{type(self).__name__} cannot take {height}x{width} inputs: it expects N x {expected} '
+                f'({self.input_size_hint()}). Resize or crop the images to {expected.split("x", 1)[1]}.')
+
+    def input_size_hint(self) -> str:
+        """A short description of the input sizes the network takes, used in error messages."""
+        return 'its exit heads are built for this size only'
+
+    def iter_exits(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yield the logits of exit 1, 2, ... computing each stage only when the next exit is requested.
+
+        Instead of ``next(gen)``, a caller may ``gen.send(index)`` with a 1-D tensor of the batch positions to keep:
+        the next exit (returned by ``send``) and every later stage then run on those samples only. This is what
+        ``dynzoo.early_exit`` uses to skip the work of samples that already exited.
+        """
+        self.check_input(x)
+        state = x
+        for k in range(self.num_exits):
+            state = self.forward_stage(k, state)
+            keep: Optional[torch.Tensor] = yield self.forward_head(k, state)
+            if keep is not None:
+                state = select_batch(state, keep)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return list(self.iter_exits(x))
+
+    def get_classifier(self) -> nn.ModuleList:
+        return nn.ModuleList(self.exit_heads())
+
+    def reset_classifier(self, num_classes: int, **kwargs) -> None:
+        for head in self.exit_heads():
+            head.reset_classifier(num_classes)
+        self.num_classes = num_classes

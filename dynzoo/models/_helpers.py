@@ -1,0 +1,73 @@
+"""Checkpoint handling shared by every family's ``checkpoint_filter_fn``."""
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys or shapes do not fit the model it is loaded into."""
+
+
+def unwrap_state_dict(checkpoint) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint as the authors save them: a ``{'state_dict': ...}`` dict or a plain state dict,
+    with the ``module.`` prefix that ``nn.DataParallel`` / DDP add removed."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get('state_dict'), dict):
+        checkpoint = checkpoint['state_dict']
+    if not isinstance(checkpoint, dict):
+        raise CheckpointMismatchError(
+            f'expected a state dict (or a dict with a "state_dict" entry), got {type(checkpoint).__name__}')
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in checkpoint.items()}
+
+
+def _short_list(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f' ... and {len(keys) - limit} more' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Return ``state_dict`` if it fits ``model`` key for key and shape for shape; raise a clear error if not.
+
+    BatchNorm ``num_batches_tracked`` counters that old (PyTorch < 0.4) checkpoints lack are filled from the model.
+    """
+    expected = model.state_dict()
+    state_dict = dict(state_dict)
+    for key, value in expected.items():
+        if key.endswith('num_batches_tracked') and key not in state_dict:
+            state_dict[key] = value.clone()
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    wrong_shape = [
+        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
+        for k in expected.keys() & state_dict.keys() if tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong_shape:
+        name = type(model).__name__
+        problems = []
+        if missing:
+            problems.append(f'{len(missing)} missing key(s): {_short_list(missing)}')
+        if unexpected:
+            problems.append(f'{len(unexpected)} unexpected key(s): {_short_list(unexpected)}')
+        if wrong_shape:
+            problems.append(f'{len(wrong_shape)} shape mismatch(es): {"; ".join(sorted(wrong_shape)[:6])}')
+        hint = ('Check that the checkpoint was trained for this architecture/configuration'
+                + (' and pass the num_classes it was trained with' if any('linear' in s or 'fc' in s or 'classifier' in s
+                                                                          for s in wrong_shape) else '')
+                + '; if you only want the backbone, load it with strict=False yourself.')
+        raise CheckpointMismatchError(f'checkpoint does not fit {name}: ' + '; '.join(problems) + '. ' + hint)
+    return state_dict
+
+
+def make_checkpoint_filter(convert: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], Dict]] = None):
+    """A timm ``pretrained_filter_fn``: unwrap, strip ``module.``, apply ``convert`` (family-specific renames), check."""
+
+    def checkpoint_filter_fn(state_dict, model: nn.Module) -> Dict[str, torch.Tensor]:
+        state_dict = unwrap_state_dict(state_dict)
+        if convert is not None:
+            state_dict = convert(state_dict, model)
+        return check_state_dict(state_dict, model)
+
+    return checkpoint_filter_fn
+
+
+checkpoint_filter = make_checkpoint_filter()

@@ -1,0 +1,406 @@
+"""MSDNet: Multi-Scale Dense Networks (Huang et al., "Multi-Scale Dense Networks for Resource Efficient Image
+Classification", ICLR 2018).
+
+The network is the authors' PyTorch port (kalviny/MSDNet-PyTorch, ``models/msdnet.py``) rebuilt from its
+specification: same layers, same ``state_dict`` keys and shapes, same outputs, same parameter counts, so the authors'
+released checkpoints load as they are. Where dynzoo differs:
+
+* ``forward`` returns the list of exit logits like the authors' code, and ``iter_exits`` computes them one block at a
+  time so that samples can leave early for real (the authors only simulate early exit);
+* ``num_classes`` is an argument (the authors derive it from the dataset name);
+* initialisation is the one the authors intended (He-normal convs, BN weight 1 / bias 0, zero Linear bias). Their
+  PyTorch ``_init_weights`` loop only visits the top-level containers, so it never reaches a Conv/BN/Linear and their
+  models silently trained from PyTorch's default init (``msdnet_init='torch'`` reproduces that).
+* wrong input sizes raise a ``ValueError`` up front instead of a shape error inside a head.
+"""
+import math
+from typing import List, Sequence
+
+import torch
+from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ._exits import MultiExitNetwork
+from ._helpers import checkpoint_filter
+
+__all__ = ['MSDNet']
+
+CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+class ConvBasic(nn.Module):
+    """Conv (no bias) - BN - ReLU, held in ``net`` as in the authors' key layout."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, padding: int = 1):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(out_chs),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvBN(nn.Module):
+    """Optional 1x1 bottleneck (width ``min(in_chs, bn_width * out_chs)``) then a 3x3 conv, stride 1 or 2."""
+
+    def __init__(self, in_chs: int, out_chs: int, downsample: bool, bottleneck: bool, bn_width: int):
+        super().__init__()
+        layers: List[nn.Module] = []
+        inner_chs = in_chs
+        if bottleneck:
+            inner_chs = min(in_chs, bn_width * out_chs)
+            layers += [nn.Conv2d(in_chs, inner_chs, 1, bias=False), nn.BatchNorm2d(inner_chs), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(inner_chs, out_chs, 3, stride=2 if downsample else 1, padding=1, bias=False),
+            nn.BatchNorm2d(out_chs),
+            nn.ReLU(inplace=True),
+        ]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvNormal(nn.Module):
+    """Dense layer at one scale: ``[x, conv(x)]``."""
+
+    def __init__(self, in_chs: int, growth: int, bottleneck: bool, bn_width: int):
+        super().__init__()
+        self.conv_normal = ConvBN(in_chs, growth, False, bottleneck, bn_width)
+
+    def forward(self, same_scale: torch.Tensor) -> torch.Tensor:
+        return torch.cat([same_scale, self.conv_normal(same_scale)], dim=1)
+
+
+class ConvDownNormal(nn.Module):
+    """Dense layer fed by two scales: ``[x_s, strided_conv(x_{s-1}), conv(x_s)]``, half the growth from each conv."""
+
+    def __init__(self, finer_chs: int, same_chs: int, growth: int, bottleneck: bool, finer_bn_width: int,
+                 same_bn_width: int):
+        super().__init__()
+        self.conv_down = ConvBN(finer_chs, growth // 2, True, bottleneck, finer_bn_width)
+        self.conv_normal = ConvBN(same_chs, growth // 2, False, bottleneck, same_bn_width)
+
+    def forward(self, finer: torch.Tensor, same_scale: torch.Tensor) -> torch.Tensor:
+        return torch.cat([same_scale, self.conv_down(finer), self.conv_normal(same_scale)], dim=1)
+
+
+class MSDNFirstLayer(nn.Module):
+    """The stem: one feature map per scale, each scale a stride-2 ConvBasic of the previous one."""
+
+    def __init__(self, in_chans: int, channels: int, gr_factor: Sequence[int], imagenet_stem: bool):
+        super().__init__()
+        widths = [channels * f for f in gr_factor]
+        if imagenet_stem:
+            # The authors' ImageNet stem conv keeps PyTorch's default bias (their Lua code had none).
+            first: nn.Module = nn.Sequential(
+                nn.Conv2d(in_chans, widths[0], 7, stride=2, padding=3),
+                nn.BatchNorm2d(widths[0]),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
+        else:
+            first = ConvBasic(in_chans, widths[0], 3, stride=1, padding=1)
+        self.layers = nn.ModuleList(
+            [first] + [ConvBasic(widths[s - 1], widths[s], 3, stride=2, padding=1) for s in range(1, len(widths))])
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        scales = []
+        for layer in self.layers:
+            x = layer(x)
+            scales.append(x)
+        return scales
+
+
+class MSDNLayer(nn.Module):
+    """One MSDNet layer: takes ``in_scales`` feature maps (finest first), returns ``out_scales`` (``in_scales`` or one
+    fewer, when the finest scale is dropped). ``in_chs`` is the base width; scale ``s`` has ``in_chs * gr_factor[s]``
+    channels and grows by ``growth * gr_factor[s]``."""
+
+    def __init__(self, in_chs: int, growth: int, in_scales: int, out_scales: int, gr_factor: Sequence[int],
+                 bn_factor: Sequence[int], bottleneck: bool):
+        super().__init__()
+        num_scales = len(gr_factor)
+        self.discard = in_scales - out_scales
+        offset = num_scales - out_scales
+        layers: List[nn.Module] = []
+        for k in range(out_scales):
+            s = offset + k
+            if k == 0 and self.discard == 0:
+                layers.append(ConvNormal(in_chs * gr_factor[s], growth * gr_factor[s], bottleneck, bn_factor[s]))
+            else:
+                layers.append(ConvDownNormal(in_chs * gr_factor[s - 1], in_chs * gr_factor[s], growth * gr_factor[s],
+                                             bottleneck, bn_factor[s - 1], bn_factor[s]))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
+        out = []
+        for k, layer in enumerate(self.layers):
+            same = k + self.discard
+            if isinstance(layer, ConvNormal):
+                out.append(layer(scales[same]))
+            else:
+                out.append(layer(scales[same - 1], scales[same]))
+        return out
+
+
+class ParallelModule(nn.Module):
+    """Applies ``m[i]`` to the ``i``-th feature map (the authors' transition: 1x1 ConvBasic per kept scale)."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__()
+        self.m = nn.ModuleList(modules)
+
+    def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [m(x) for m, x in zip(self.m, scales)]
+
+
+class ClassifierModule(nn.Module):
+    """Exit head on the coarsest scale: two stride-2 ConvBasic, 2x2 average pool, Linear."""
+
+    def __init__(self, in_chs: int, inner_chs: int, num_classes: int):
+        super().__init__()
+        self.m = nn.Sequential(
+            ConvBasic(in_chs, inner_chs, 3, stride=2, padding=1),
+            ConvBasic(inner_chs, inner_chs, 3, stride=2, padding=1),
+            nn.AvgPool2d(2),
+        )
+        self.linear = nn.Linear(inner_chs, num_classes)
+
+    def forward(self, scales: List[torch.Tensor]) -> torch.Tensor:
+        return self.linear(self.m(scales[-1]).flatten(1))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.linear = nn.Linear(self.linear.in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _parse_factor(value) -> List[int]:
+    return [int(v) for v in value.split('-')] if isinstance(value, str) else [int(v) for v in value]
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class MSDNet(MultiExitNetwork):
+    """Multi-Scale Dense Network with one exit per block.
+
+    Arguments follow the authors' flags: ``n_blocks`` (exits), ``base`` (layers before exit 1), ``step_mode``
+    ('even': ``step`` layers per later block; 'lin_grow': block i has ``step * i + 1``), ``channels`` (``nChannels``),
+    ``growth_rate``, ``gr_factor`` / ``bn_factor`` (per-scale width and bottleneck factors, as '1-2-4' or a list;
+    the number of scales is their length), ``bottleneck``, ``prune`` ('max' or 'min' scale dropping), ``reduction``
+    (transition compression, 0 disables transitions) and ``stem`` ('imagenet': 7x7/2 conv + max-pool and
+    ``channels``-wide heads; 'cifar': 3x3 conv and 128-wide heads).
+    """
+
+    flops_convention = 'msdnet_op_counter'
+
+    def __init__(
+            self,
+            n_blocks: int = 5,
+            base: int = 4,
+            step_mode: str = 'even',
+            step: int = 4,
+            channels: int = 32,
+            growth_rate: int = 16,
+            gr_factor='1-2-4-4',
+            bn_factor='1-2-4-4',
+            bottleneck: bool = True,
+            prune: str = 'max',
+            reduction: float = 0.5,
+            stem: str = 'imagenet',
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            msdnet_init: str = 'intended',
+    ):
+        super().__init__()
+        if step_mode not in ('even', 'lin_grow'):
+            raise ValueError(f"step_mode must be 'even' or 'lin_grow', got {step_mode!r}")
+        if prune not in ('max', 'min'):
+            raise ValueError(f"prune must be 'max' or 'min', got {prune!r}")
+        if stem not in ('imagenet', 'cifar'):
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        if msdnet_init not in ('intended', 'torch'):
+            raise ValueError(f"msdnet_init must be 'intended' or 'torch', got {msdnet_init!r}")
+        gr_factor, bn_factor = _parse_factor(gr_factor), _parse_factor(bn_factor)
+        if len(bn_factor) != len(gr_factor):
+            raise ValueError(f'gr_factor {gr_factor} and bn_factor {bn_factor} must have one entry per scale')
+        self.num_exits = n_blocks
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.stem = stem
+        self.num_scales = len(gr_factor)
+        self.default_input_size = (in_chans, 224, 224) if stem == 'imagenet' else (in_chans, 32, 32)
+        if step_mode == 'even':
+            self.steps = [base] + [step] * (n_blocks - 1)
+        else:
+            self.steps = [base] + [step * i + 1 for i in range(1, n_blocks)]
+
+        n_layers_total = sum(self.steps)
+        interval = math.ceil(n_layers_total / self.num_scales)
+        width = channels
+        layer_index = 0
+        blocks, heads = [], []
+        for n_layers in self.steps:
+            block: List[nn.Module] = []
+            if layer_index == 0:
+                block.append(MSDNFirstLayer(in_chans, channels, gr_factor, stem == 'imagenet'))
+            for _ in range(n_layers):
+                layer_index += 1
+                if prune == 'max':
+                    in_scales = self.num_scales - max(0, layer_index - 2) // interval
+                    out_scales = self.num_scales - (layer_index - 1) // interval
+                    transition = in_scales > out_scales
+                else:
+                    in_scales = min(self.num_scales, n_layers_total - layer_index + 2)
+                    out_scales = min(self.num_scales, n_layers_total - layer_index + 1)
+                    transition = layer_index in (n_layers_total // 3, 2 * n_layers_total // 3)
+                block.append(MSDNLayer(width, growth_rate, in_scales, out_scales, gr_factor, bn_factor, bottleneck))
+                width += growth_rate
+                if transition and reduction > 0:
+                    reduced = math.floor(reduction * width)
+                    offset = self.num_scales - out_scales
+                    block.append(ParallelModule([
+                        ConvBasic(width * gr_factor[offset + i], reduced * gr_factor[offset + i], 1, 1, 0)
+                        for i in range(out_scales)]))
+                    width = reduced
+            blocks.append(nn.Sequential(*block))
+            head_chs = width * gr_factor[-1]
+            heads.append(ClassifierModule(head_chs, head_chs if stem == 'imagenet' else 128, num_classes))
+        self.blocks = nn.ModuleList(blocks)
+        self.classifier = nn.ModuleList(heads)
+        if msdnet_init == 'intended':
+            self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward_stage(self, k: int, state):
+        return self.blocks[k](state)
+
+    def forward_head(self, k: int, state) -> torch.Tensor:
+        return self.classifier[k](state)
+
+    def exit_heads(self) -> List[nn.Module]:
+        return list(self.classifier)
+
+    def _coarsest_size(self, size: int) -> int:
+        if self.stem == 'imagenet':
+            size = _conv_out(_conv_out(size, 7, 2, 3), 3, 2, 1)
+        for _ in range(self.num_scales - 1):
+            size = _conv_out(size, 3, 2, 1)
+        return size
+
+    def valid_input_size(self, height: int, width: int) -> bool:
+        # Each head halves the coarsest map twice, then a 2x2 average pool must leave exactly 1x1 for its Linear.
+        def head_output(size: int) -> int:
+            return _conv_out(_conv_out(self._coarsest_size(size), 3, 2, 1), 3, 2, 1) // 2
+        return head_output(height) == 1 and head_output(width) == 1
+
+    def input_size_hint(self) -> str:
+        sizes = [s for s in range(1, 1025) if self.valid_input_size(s, s)]
+        return f'its exit heads need the coarsest feature map to pool to 1x1: sides {sizes[0]}..{sizes[-1]} work'
+
+
+def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
+    return build_model_with_cfg(
+        MSDNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter,
+        **kwargs,
+    )
+
+
+def _cfg(num_exits: int, url: str = '', **kwargs):
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'blocks.0.0.layers.0.0',
+        'classifier': tuple(f'classifier.{k}.linear' for k in range(num_exits)),
+        'license': 'mit', 'paper_ids': 'arXiv:1703.09844', 'paper_name': 'Multi-Scale Dense Networks for Resource '
+        'Efficient Image Classification', 'origin_url': 'https://github.com/kalviny/MSDNet-PyTorch',
+        **kwargs,
+    }
+
+
+def _cifar_cfg(num_exits: int, **kwargs):
+    kwargs = {'num_classes': 100, 'input_size': (3, 32, 32), 'crop_pct': 1.0, 'mean': CIFAR10_MEAN,
+              'std': CIFAR10_STD, 'first_conv': 'blocks.0.0.layers.0.net.0', **kwargs}
+    return _cfg(num_exits, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'msdnet_step4.in1k': _cfg(5, hf_hub_id='dynzoo/msdnet_step4.in1k'),
+    'msdnet_step6': _cfg(5),
+    'msdnet_step7.in1k': _cfg(5, hf_hub_id='dynzoo/msdnet_step7.in1k'),
+    'msdnet_cifar_b7': _cifar_cfg(7),
+    'msdnet_cifar_b10': _cifar_cfg(10),
+    'msdnet_cifar_lin5': _cifar_cfg(5),
+    'msdnet_cifar_lin7': _cifar_cfg(7),
+})
+
+_IMAGENET_ARGS = dict(n_blocks=5, step_mode='even', channels=32, growth_rate=16, gr_factor='1-2-4-4',
+                      bn_factor='1-2-4-4', stem='imagenet')
+_CIFAR_ARGS = dict(channels=16, growth_rate=6, gr_factor='1-2-4', bn_factor='1-2-4', stem='cifar')
+
+
+@register_model
+def msdnet_step4(pretrained: bool = False, **kwargs) -> MSDNet:
+    """ImageNet MSDNet, 5 exits, 4 layers per block (``--step 4 --base 4``), 23.96M params."""
+    return _create_msdnet('msdnet_step4', pretrained, **dict(_IMAGENET_ARGS, base=4, step=4), **kwargs)
+
+
+@register_model
+def msdnet_step6(pretrained: bool = False, **kwargs) -> MSDNet:
+    """ImageNet MSDNet, 5 exits, 6 layers per block (``--step 6 --base 6``), 56.53M params."""
+    return _create_msdnet('msdnet_step6', pretrained, **dict(_IMAGENET_ARGS, base=6, step=6), **kwargs)
+
+
+@register_model
+def msdnet_step7(pretrained: bool = False, **kwargs) -> MSDNet:
+    """ImageNet MSDNet, 5 exits, 7 layers per block (``--step 7 --base 7``), 62.31M params."""
+    return _create_msdnet('msdnet_step7', pretrained, **dict(_IMAGENET_ARGS, base=7, step=7), **kwargs)
+
+
+def _cifar_kwargs(kwargs, **flags):
+    return {**_CIFAR_ARGS, **flags, **kwargs}
+
+
+@register_model
+def msdnet_cifar_b7(pretrained: bool = False, **kwargs) -> MSDNet:
+    """CIFAR anytime MSDNet, 7 exits (``--nBlocks 7 --step 2 --base 4``), 3.07M params at 100 classes."""
+    return _create_msdnet('msdnet_cifar_b7', pretrained,
+                          **_cifar_kwargs(kwargs, n_blocks=7, step_mode='even', step=2, base=4))
+
+
+@register_model
+def msdnet_cifar_b10(pretrained: bool = False, **kwargs) -> MSDNet:
+    """CIFAR anytime MSDNet, 10 exits (the Lua CIFAR-10 recipe), 4.96M params at 100 classes."""
+    return _create_msdnet('msdnet_cifar_b10', pretrained,
+                          **_cifar_kwargs(kwargs, n_blocks=10, step_mode='even', step=2, base=4))
+
+
+@register_model
+def msdnet_cifar_lin5(pretrained: bool = False, **kwargs) -> MSDNet:
+    """CIFAR budgeted-batch MSDNet, 5 exits, blocks of 1..5 layers (``--stepmode lin_grow``), 2.08M params."""
+    return _create_msdnet('msdnet_cifar_lin5', pretrained,
+                          **_cifar_kwargs(kwargs, n_blocks=5, step_mode='lin_grow', step=1, base=1))
+
+
+@register_model
+def msdnet_cifar_lin7(pretrained: bool = False, **kwargs) -> MSDNet:
+    """CIFAR budgeted-batch MSDNet, 7 exits, blocks of 1..7 layers (the Lua CIFAR-10 recipe), 3.89M params at 10."""
+    return _create_msdnet('msdnet_cifar_lin7', pretrained,
+                          **_cifar_kwargs(kwargs, n_blocks=7, step_mode='lin_grow', step=1, base=1))
