@@ -3,7 +3,7 @@ import difflib
 from typing import Any, Dict, List, Optional
 
 import timm
-from timm.models import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
+from timm.models import is_model, model_entrypoint, split_model_name_tag
 
 
 class UnknownModelError(ValueError, RuntimeError):
@@ -26,14 +26,16 @@ def _check_name(model_name: str) -> None:
     if model_name.startswith(('hf-hub:', 'local-dir:')):
         return
     arch, tag = split_model_name_tag(model_name)
+    if is_model(arch) and not is_dynzoo_model(arch):
+        raise UnknownModelError(f'{arch!r} is a timm model, not a dynzoo one: build it with timm.create_model.')
     if not is_dynzoo_model(arch):
         known = list_models()
         close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
         hint = f' Did you mean: {", ".join(close)}?' if close else ''
         raise UnknownModelError(
             f'Unknown dynzoo model {arch!r}.{hint} dynzoo.list_models() lists all {len(known)} models.')
-    if tag and get_pretrained_cfg(model_name, allow_unregistered=False) is None:
-        tags = [n for n in list_models(f'{arch}.*', pretrained=False) if '.' in n]
+    tags = timm.list_pretrained(f'{arch}.*')
+    if tag and model_name not in tags:
         raise UnknownModelError(
             f'{arch!r} has no pretrained tag {tag!r}. Known tags: {", ".join(tags) or "none"}.')
 

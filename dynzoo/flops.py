@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 from .models._exits import MultiExitNetwork, flatten_tensors
@@ -43,6 +42,8 @@ class _ExitGraph(nn.Module):
 
 def count_macs(module: nn.Module, inputs, ops: Optional[Sequence[str]] = CONV_LINEAR_OPS) -> int:
     """fvcore multiply-adds of ``module(*inputs)``: conv + linear only by default, every fvcore op if ``ops=None``."""
+    from fvcore.nn import FlopCountAnalysis  # imported on use: fvcore's import warns about torch.jit
+
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     analysis = FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     if ops is None:
