@@ -1,0 +1,214 @@
+"""MSDNet against the authors' code: keys, outputs, parameter counts, FLOPs (spec ../shared/specs/msdnet.md)."""
+import math
+
+import pytest
+import torch
+
+import dynzoo
+from dynzoo.models import CheckpointMismatchError, MSDNet
+from parity import deterministic_state_dict, load_keys, load_manifest, load_outputs
+
+MANIFEST = load_manifest('msdnet')
+
+# Spec sections 4 and 10: (name, num_classes) -> total parameters.
+PARAMS = {
+    ('msdnet_step4', 1000): 23_958_440, ('msdnet_step6', 1000): 56_529_304, ('msdnet_step7', 1000): 62_314_472,
+    ('msdnet_cifar_b7', 100): 3_067_960, ('msdnet_cifar_b7', 10): 2_986_690,
+    ('msdnet_cifar_lin5', 100): 2_078_924, ('msdnet_cifar_lin5', 10): 2_020_874,
+    ('msdnet_cifar_b10', 100): 4_955_644, ('msdnet_cifar_b10', 10): 4_839_544,
+    ('msdnet_cifar_lin7', 10): 3_885_394,
+}
+
+# Spec 5.2 column A (the authors' op_counter), in M rounded to 2 decimals, for the configs without exact fixtures.
+AUTHORS_MFLOPS = {
+    ('msdnet_step6', 1000): [514.66, 1171.18, 1844.52, 2501.40, 2742.06],
+    ('msdnet_step7', 1000): [615.69, 1436.39, 2283.21, 2967.42, 3253.79],
+    ('msdnet_cifar_b7', 10): [15.13, 25.48, 37.06, 46.28, 57.28, 66.89, 75.86],
+    ('msdnet_cifar_lin5', 100): [6.86, 14.35, 27.54, 41.71, 58.48],
+    ('msdnet_cifar_lin5', 10): [6.85, 14.33, 27.50, 41.67, 58.42],
+    ('msdnet_cifar_b10', 100): [15.14, 25.51, 37.79, 52.06, 62.18, 74.07, 87.73, 100.04, 110.12, 121.68],
+    ('msdnet_cifar_lin7', 10): [6.85, 14.33, 27.26, 48.40, 76.37, 108.78, 137.20],
+}
+
+# Spec 5.2 columns C (cascade), D (standalone), E (lazy) for CIFAR-100 budgeted, 5 exits, in M.
+LIN5_FVCORE_MFLOPS = {
+    'cascade': [6.79, 14.21, 27.28, 41.37, 58.09],
+    'standalone': [6.79, 11.98, 21.94, 33.52, 45.95],
+    'lazy': [5.92, 12.65, 24.50, 40.17, 58.09],
+}
+
+
+def _fixture_model(fixture_id):
+    entry = MANIFEST[fixture_id]
+    model = dynzoo.create_model(entry['dynzoo_name'], **entry['create_kwargs'])
+    return model, entry
+
+
+@pytest.mark.parametrize('fixture_id', sorted(MANIFEST))
+def test_state_dict_keys_and_shapes_match_authors(fixture_id):
+    model, _ = _fixture_model(fixture_id)
+    expected = [(name, tuple(shape)) for name, shape, _ in load_keys('msdnet', fixture_id)]
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == expected
+
+
+@pytest.mark.parametrize('fixture_id', sorted(MANIFEST))
+def test_outputs_match_authors_code(fixture_id):
+    model, entry = _fixture_model(fixture_id)
+    model = model.double().eval()
+    model.load_state_dict(deterministic_state_dict(load_keys('msdnet', fixture_id)))
+    ref = load_outputs('msdnet', fixture_id)
+    x = torch.from_numpy(ref['x'])
+    with torch.no_grad():
+        outputs = model(x)
+        streamed = list(model.iter_exits(x))
+    assert isinstance(outputs, list) and len(outputs) == entry['num_exits'] == model.num_exits
+    for k, (out, again) in enumerate(zip(outputs, streamed)):
+        expected = torch.from_numpy(ref[f'out{k}'])
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize('fixture_id', sorted(MANIFEST))
+def test_per_exit_flops_and_params_match_manifest(fixture_id):
+    model, entry = _fixture_model(fixture_id)
+    per_exit = entry['per_exit']
+    assert dynzoo.per_exit_flops(model, convention='authors') == [e['official_flops'] for e in per_exit]
+    assert dynzoo.per_exit_flops(model) == [e['fvcore_cumulative'] for e in per_exit]
+    assert dynzoo.per_exit_flops(model, scope='standalone') == [e['fvcore_standalone'] for e in per_exit]
+    assert dynzoo.per_exit_flops(model, scope='lazy') == [e['fvcore_lazy'] for e in per_exit]
+    assert dynzoo.per_exit_params(model) == [e['cumulative_params'] for e in per_exit]
+    assert sum(p.numel() for p in model.parameters()) == entry['total_params']
+
+
+def test_msdnet_step4_authors_flops_to_the_unit():
+    model = dynzoo.create_model('msdnet_step4')
+    assert dynzoo.per_exit_flops(model, convention='authors') == [
+        339_902_824, 685_456_720, 1_008_156_120, 1_254_472_688, 1_360_529_624]
+
+
+@pytest.mark.parametrize('name,num_classes', sorted(PARAMS))
+def test_parameter_totals(name, num_classes):
+    model = dynzoo.create_model(name, num_classes=num_classes)
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[name, num_classes]
+
+
+@pytest.mark.parametrize('name,num_classes', sorted(AUTHORS_MFLOPS))
+def test_authors_flops_every_config(name, num_classes):
+    model = dynzoo.create_model(name, num_classes=num_classes)
+    flops = dynzoo.per_exit_flops(model, convention='authors')
+    assert [round(f / 1e6, 2) for f in flops] == AUTHORS_MFLOPS[name, num_classes]
+
+
+@pytest.mark.parametrize('scope', sorted(LIN5_FVCORE_MFLOPS))
+def test_fvcore_scopes_budgeted_config(scope):
+    model = dynzoo.create_model('msdnet_cifar_lin5')
+    flops = dynzoo.per_exit_flops(model, scope=scope)
+    assert [round(f / 1e6, 2) for f in flops] == LIN5_FVCORE_MFLOPS[scope]
+
+
+def _authors_file(model, path):
+    """A checkpoint laid out as the authors' main.py writes it (DataParallel ``module.`` keys, float32)."""
+    state = {f'module.{k}': v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({'epoch': 300, 'arch': 'msdnet', 'state_dict': state, 'best_prec1': 75.0,
+                'optimizer': {'state': {}, 'param_groups': [{'lr': 0.001, 'momentum': 0.9, 'params': [0, 1]}]}}, path)
+
+
+def test_authors_checkpoint_loads(tmp_path):
+    source = dynzoo.create_model('msdnet_cifar_b7').double()
+    source.load_state_dict(deterministic_state_dict(load_keys('msdnet', 'msdnet_cifar_b7_c100')))
+    _authors_file(source, tmp_path / 'msdnet.pth.tar')
+    model = dynzoo.create_model('msdnet_cifar_b7', pretrained=True,
+                                pretrained_cfg_overlay=dict(file=str(tmp_path / 'msdnet.pth.tar')))
+    ref = load_outputs('msdnet', 'msdnet_cifar_b7_c100')
+    with torch.no_grad():
+        outputs = model.double().eval()(torch.from_numpy(ref['x']))
+    for k, out in enumerate(outputs):
+        torch.testing.assert_close(out, torch.from_numpy(ref[f'out{k}']), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('edit,message', [
+    (lambda sd: sd.pop('module.classifier.3.linear.weight'), 'missing key.*classifier.3.linear.weight'),
+    (lambda sd: sd.update({'module.extra.weight': torch.zeros(1)}), 'unexpected key.*extra.weight'),
+    (lambda sd: sd.update({'module.classifier.0.linear.bias': torch.zeros(10)}), 'shape mismatch.*classifier.0'),
+])
+def test_checkpoint_that_does_not_fit_is_named(tmp_path, edit, message):
+    path = tmp_path / 'bad.pth'
+    _authors_file(dynzoo.create_model('msdnet_cifar_b7'), path)
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint['state_dict'])
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointMismatchError, match=message):
+        dynzoo.create_model('msdnet_cifar_b7', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads(tmp_path):
+    path = tmp_path / 'old.pth'
+    _authors_file(dynzoo.create_model('msdnet_cifar_lin5'), path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint['state_dict'] = {k: v for k, v in checkpoint['state_dict'].items() if 'num_batches' not in k}
+    torch.save(checkpoint, path)
+    model = dynzoo.create_model('msdnet_cifar_lin5', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.num_exits == 5
+
+
+@pytest.mark.parametrize('name,shape,message', [
+    ('msdnet_cifar_b7', (1, 3, 64, 64), 'cannot take 64x64 inputs.*3x32x32'),
+    ('msdnet_cifar_b7', (1, 3, 224, 224), 'cannot take 224x224'),
+    ('msdnet_cifar_b7', (1, 1, 32, 32), 'expects 3-channel input'),
+    ('msdnet_cifar_b7', (3, 32, 32), 'batch of images'),
+    ('msdnet_step4', (1, 3, 32, 32), 'cannot take 32x32 inputs.*3x224x224'),
+    ('msdnet_step4', (1, 3, 448, 448), 'cannot take 448x448'),
+])
+def test_wrong_input_raises_clear_error(name, shape, message):
+    model = dynzoo.create_model(name).eval()
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(shape))
+
+
+def test_other_sizes_the_heads_can_pool_work():
+    model = dynzoo.create_model('msdnet_step4').eval()
+    with torch.no_grad():
+        assert [o.shape for o in model(torch.zeros(1, 3, 256, 256))] == [(1, 1000)] * 5
+
+
+def test_iter_exits_computes_lazily_and_can_drop_samples():
+    model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    calls = []
+    model.blocks[1].register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        full = model(x)
+        calls.clear()
+        exits = model.iter_exits(x)
+        first = next(exits)
+        assert calls == []  # block 2 has not run yet
+        second = exits.send(torch.tensor([1, 3]))
+        assert calls == [1]
+    torch.testing.assert_close(first, full[0])
+    torch.testing.assert_close(second, full[1][[1, 3]])
+
+
+def test_classifier_reset_and_get():
+    model = dynzoo.create_model('msdnet_cifar_b7')
+    assert len(model.get_classifier()) == 7
+    model.reset_classifier(10)
+    assert all(head.linear.out_features == 10 for head in model.get_classifier())
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 3, 32, 32))[-1].shape == (1, 10)
+
+
+def test_intended_init_and_authors_effective_init():
+    model = dynzoo.create_model('msdnet_cifar_b7')
+    conv = model.classifier[0].m[0].net[0]
+    expected_std = math.sqrt(2.0 / (3 * 3 * conv.out_channels))
+    assert abs(conv.weight.std().item() - expected_std) / expected_std < 0.05
+    assert all(torch.count_nonzero(h.linear.bias) == 0 for h in model.get_classifier())
+    torch_default = dynzoo.create_model('msdnet_cifar_b7', msdnet_init='torch')
+    assert torch.count_nonzero(torch_default.classifier[0].linear.bias) > 0
+
+
+def test_configurable_class_prune_min():
+    model = MSDNet(n_blocks=3, base=2, step=2, channels=8, growth_rate=4, gr_factor='1-2-4', bn_factor='1-2-4',
+                   prune='min', stem='cifar', num_classes=10).eval()
+    with torch.no_grad():
+        assert [o.shape for o in model(torch.zeros(2, 3, 32, 32))] == [(2, 10)] * 3
