@@ -1,0 +1,194 @@
+"""Datasets and the authors' preprocessing: CIFAR (torchvision, packed JPEG npz, embedded sample), ImageNet folders.
+
+* ``load_cifar_npz`` reads the packed-JPEG format (``{split}_jpeg`` bytes, ``{split}_offsets``, ``{split}_labels``,
+  ``classes``) into uint8 arrays; ``load_sample`` reads the 1,000-image balanced CIFAR-10 test sample shipped in
+  ``dynzoo/assets/`` (built by ``tools/make_cifar_sample.py``), so evaluation runs with no download.
+* ``build_transforms(preset, train)`` gives each family's normalisation and augmentation as its authors trained it.
+"""
+import io
+import os
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+
+__all__ = [
+    'SAMPLE_PATH', 'PRESETS', 'load_cifar_npz', 'load_sample', 'ArrayDataset', 'cifar_dataset', 'build_transforms',
+    'image_folder', 'holdout_indices', 'Cutout',
+]
+
+SAMPLE_PATH = Path(__file__).parent / 'assets' / 'cifar10_test_sample.npz'
+CIFAR_NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
+
+# Per preset: the normalisation per dataset ('default' when the authors used one pair for every dataset) and the
+# augmentation recipe. Sources: MSDNet PyTorch ``dataloader.py``; SCAN ``train.py`` and the journal Self-Distillation
+# ``train.py`` (spec scan_sdpoint.md A6); gpleiss efficient-densenet ``demo.py``; torchvision's ImageNet recipe.
+PRESETS: Dict[str, dict] = {
+    'cifar': dict(augment='crop_flip', stats={
+        'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}),
+    'msdnet_cifar': dict(augment='crop_flip', stats={
+        'cifar10': ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)),
+        'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}),
+    'scan_cifar': dict(augment='crop_flip', stats={
+        'default': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}),
+    'byot_cifar': dict(augment='crop_flip_autoaugment_cutout', stats={
+        'default': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}),
+    'densenet_cifar': dict(augment='crop_flip', stats={
+        'default': ((0.49139968, 0.48215841, 0.44653091), (0.24703223, 0.24348513, 0.26158784))}),
+    'imagenet': dict(augment='imagenet', stats={
+        'default': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}),
+}
+
+
+def _decode_jpeg_array(jpeg: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    images = np.empty((len(offsets) - 1, 32, 32, 3), dtype=np.uint8)
+    for i in range(len(offsets) - 1):
+        image = Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())).convert('RGB')
+        if image.size != (32, 32):
+            raise ValueError(f'image {i} is {image.size[0]}x{image.size[1]}; the packed CIFAR format holds 32x32 images')
+        images[i] = np.asarray(image)
+    return images
+
+
+def load_cifar_npz(path, split: str = 'train') -> Tuple[np.ndarray, np.ndarray]:
+    """Decode the ``split`` ('train' or 'test') of a packed-JPEG CIFAR npz: (uint8 N x 32 x 32 x 3, int64 labels)."""
+    if split not in ('train', 'test'):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'no packed CIFAR npz at {path}; pass the path of a file such as cifar10_jpeg.npz')
+    with np.load(path) as packed:
+        missing = [k for k in (f'{split}_jpeg', f'{split}_offsets', f'{split}_labels') if k not in packed.files]
+        if missing:
+            raise ValueError(f'{path} has no {split} split (missing {", ".join(missing)}; it holds {packed.files})')
+        jpeg, offsets = packed[f'{split}_jpeg'], packed[f'{split}_offsets']
+        labels = packed[f'{split}_labels'].astype(np.int64)
+    if len(offsets) != len(labels) + 1:
+        raise ValueError(f'{path}: {split}_offsets must have one entry more than {split}_labels '
+                         f'({len(offsets)} vs {len(labels)})')
+    return _decode_jpeg_array(jpeg, offsets), labels
+
+
+def load_sample() -> Tuple[np.ndarray, np.ndarray]:
+    """The embedded CIFAR-10 test sample: 1,000 images, 100 per class, as (uint8 N x 32 x 32 x 3, int64 labels)."""
+    return load_cifar_npz(SAMPLE_PATH, 'test')
+
+
+class ArrayDataset(Dataset):
+    """Images held in a uint8 N x H x W x 3 array; ``transform`` takes a PIL image (default: ``ToTensor``)."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], transform: Optional[Callable] = None):
+        if len(images) != len(labels):
+            raise ValueError(f'{len(images)} images but {len(labels)} labels')
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f'images must be a uint8 N x H x W x 3 array, got {images.dtype} {images.shape}')
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.transform = transform if transform is not None else transforms.ToTensor()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def cifar_dataset(split: str = 'train', source: str = 'npz', root=None, path=None, name: str = 'cifar10',
+                  download: bool = False, transform: Optional[Callable] = None) -> Dataset:
+    """CIFAR-10/100 from ``source``: 'npz' (packed JPEG file at ``path``), 'torchvision' (``root``, ``download``)
+    or 'sample' (the embedded CIFAR-10 test sample, test split only). Items are (tensor, int)."""
+    if split not in ('train', 'test'):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name not in CIFAR_NUM_CLASSES:
+        raise ValueError(f"name must be one of {sorted(CIFAR_NUM_CLASSES)}, got {name!r}")
+    if source == 'npz':
+        if path is None:
+            raise ValueError("source='npz' needs path=<packed JPEG npz>, e.g. cifar10_jpeg.npz")
+        return ArrayDataset(*load_cifar_npz(path, split), transform=transform)
+    if source == 'sample':
+        if split != 'test' or name != 'cifar10':
+            raise ValueError("the embedded sample holds CIFAR-10 test images only: use split='test', name='cifar10'")
+        return ArrayDataset(*load_sample(), transform=transform)
+    if source == 'torchvision':
+        if root is None:
+            raise ValueError("source='torchvision' needs root=<folder> (and download=True to fetch the data there)")
+        dataset_cls = datasets.CIFAR10 if name == 'cifar10' else datasets.CIFAR100
+        return dataset_cls(os.fspath(root), train=split == 'train', download=download,
+                           transform=transform if transform is not None else transforms.ToTensor())
+    raise ValueError(f"source must be 'npz', 'torchvision' or 'sample', got {source!r}")
+
+
+def holdout_indices(num_samples: int, num_holdout: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices: the held-out set is the last ``num_holdout`` entries of a seeded permutation, as
+    MSDNet's ``dataloader.py`` carves its 5,000-image validation split out of the CIFAR training set."""
+    if not 0 < num_holdout < num_samples:
+        raise ValueError(f'num_holdout must be between 1 and {num_samples - 1}, got {num_holdout}')
+    order = np.random.default_rng(seed).permutation(num_samples)
+    return np.sort(order[:-num_holdout]), np.sort(order[-num_holdout:])
+
+
+class Cutout:
+    """Zero one ``length`` x ``length`` square (clipped at the borders) centred on a uniform random pixel of a CHW
+    tensor, as DeVries & Taylor's Cutout that the Self-Distillation recipe uses."""
+
+    def __init__(self, length: int = 16):
+        self.length = length
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        cy, cx = int(torch.randint(0, height, (1,))), int(torch.randint(0, width, (1,)))
+        half = self.length // 2
+        image = image.clone()
+        image[..., max(0, cy - half):min(height, cy + half), max(0, cx - half):min(width, cx + half)] = 0
+        return image
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(length={self.length})'
+
+
+def build_transforms(preset: str = 'cifar', train: bool = False, dataset: str = 'cifar10',
+                     input_size: int = 224) -> transforms.Compose:
+    """The authors' preprocessing for ``preset`` (a key of ``PRESETS``), training or evaluation.
+
+    CIFAR presets: training = RandomCrop(32, padding 4) + horizontal flip (+ AutoAugment's CIFAR-10 policy and
+    Cutout 16 for 'byot_cifar', with crop fill 128 as the authors); evaluation = no resizing. 'imagenet':
+    RandomResizedCrop + flip for training, Resize(256/224 of ``input_size``) + CenterCrop for evaluation.
+    ``dataset`` picks the normalisation where the authors used one per dataset (MSDNet). dynzoo uses torchvision's
+    AutoAugment policy rather than the authors' re-implementation of it, and applies Cutout after normalisation.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
+    spec = PRESETS[preset]
+    stats = spec['stats'].get(dataset, spec['stats'].get('default'))
+    if stats is None:
+        raise ValueError(f'preset {preset!r} has normalisation for {sorted(spec["stats"])} only, not {dataset!r}')
+    normalize = transforms.Normalize(*stats)
+    augment = spec['augment']
+    if augment == 'imagenet':
+        if train:
+            steps = [transforms.RandomResizedCrop(input_size), transforms.RandomHorizontalFlip()]
+        else:
+            steps = [transforms.Resize(int(round(input_size * 256 / 224))), transforms.CenterCrop(input_size)]
+        return transforms.Compose(steps + [transforms.ToTensor(), normalize])
+    if not train:
+        return transforms.Compose([transforms.ToTensor(), normalize])
+    if augment == 'crop_flip':
+        return transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    return transforms.Compose([
+        transforms.RandomCrop(32, padding=4, fill=128), transforms.RandomHorizontalFlip(),
+        transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10), transforms.ToTensor(), normalize, Cutout(16)])
+
+
+def image_folder(root, train: bool, preset: str = 'imagenet', input_size: int = 224) -> datasets.ImageFolder:
+    """An ImageNet-style folder (``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``) with the preset's
+    training or evaluation transforms, through torchvision's ``ImageFolder``."""
+    folder = Path(root) / ('train' if train else 'val')
+    if not folder.is_dir():
+        raise FileNotFoundError(f'{folder} does not exist: image_folder expects {root}/train/<class>/ and '
+                                f'{root}/val/<class>/ sub-folders')
+    return datasets.ImageFolder(os.fspath(folder), transform=build_transforms(preset, train, input_size=input_size))
