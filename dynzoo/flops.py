@@ -4,6 +4,7 @@ Every count is for a batch of one image at the model's default input size (``pre
 with the model in eval mode. fvcore counts one per multiply-add; ``per_exit_flops`` keeps convolutions (transposed
 ones included) and linear layers only, so batch norm, pooling and element-wise ops are not counted.
 """
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from .models._exits import MultiExitNetwork, flatten_tensors
 
-__all__ = ['per_exit_flops', 'per_exit_params', 'count_macs', 'SCOPES']
+__all__ = ['per_exit_flops', 'per_exit_params', 'per_exit_table', 'format_per_exit_table', 'count_macs', 'SCOPES']
 
 SCOPES = ('cascade', 'standalone', 'lazy')
 CONV_LINEAR_OPS = ('conv', 'linear', 'addmm', 'matmul', 'bmm', 'einsum')
@@ -42,7 +43,9 @@ class _ExitGraph(nn.Module):
 
 def count_macs(module: nn.Module, inputs, ops: Optional[Sequence[str]] = CONV_LINEAR_OPS) -> int:
     """fvcore multiply-adds of ``module(*inputs)``: conv + linear only by default, every fvcore op if ``ops=None``."""
-    from fvcore.nn import FlopCountAnalysis  # imported on use: fvcore's import warns about torch.jit
+    with warnings.catch_warnings():  # fvcore's import uses the deprecated torch.jit.script
+        warnings.simplefilter('ignore', FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     analysis = FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
@@ -171,3 +174,28 @@ def _msdnet_op_counter(model: nn.Module, x: torch.Tensor) -> List[int]:
 AUTHORS_COUNTERS: Dict[str, Callable[[nn.Module, torch.Tensor], List[int]]] = {
     'msdnet_op_counter': _msdnet_op_counter,
 }
+
+
+def per_exit_table(model: MultiExitNetwork, input_size: Optional[Sequence[int]] = None) -> List[Dict[str, float]]:
+    """One row per exit: cumulative params and MFLOPs for every scope, plus the authors' MFLOPs where they had a
+    counter (``None`` otherwise)."""
+    params = per_exit_params(model, input_size)
+    by_scope = {scope: per_exit_flops(model, input_size, scope=scope) for scope in SCOPES}
+    authors = (per_exit_flops(model, input_size, convention='authors')
+               if getattr(model, 'flops_convention', None) in AUTHORS_COUNTERS else [None] * model.num_exits)
+    return [
+        {'exit': k + 1, 'params': params[k],
+         **{f'mflops_{scope}': by_scope[scope][k] / 1e6 for scope in SCOPES},
+         'mflops_authors': None if authors[k] is None else authors[k] / 1e6}
+        for k in range(model.num_exits)]
+
+
+def format_per_exit_table(rows: List[Dict[str, float]]) -> str:
+    """The rows of ``per_exit_table`` as an aligned text table."""
+    header = ['exit', 'params (M)', 'MFLOPs cascade', 'MFLOPs standalone', 'MFLOPs lazy', 'MFLOPs authors']
+    lines = [[str(r['exit']), f"{r['params'] / 1e6:.3f}", f"{r['mflops_cascade']:.2f}",
+              f"{r['mflops_standalone']:.2f}", f"{r['mflops_lazy']:.2f}",
+              '-' if r['mflops_authors'] is None else f"{r['mflops_authors']:.2f}"] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    fmt = '  '.join(f'{{:>{w}}}' for w in widths)
+    return '\n'.join([fmt.format(*header)] + [fmt.format(*line) for line in lines])

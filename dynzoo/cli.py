@@ -1,0 +1,34 @@
+"""The ``dynzoo`` command: ``dynzoo bench | eval | train | convert``."""
+import argparse
+import importlib
+from typing import List, Optional
+
+# subcommand -> (module, function adding its arguments, function running it, help)
+COMMANDS = {
+    'bench': ('dynzoo.evaluate', 'add_bench_args', 'run_bench', 'per-exit table: FLOPs, parameters, accuracy'),
+    'eval': ('dynzoo.evaluate', 'add_eval_args', 'run_eval', 'anytime / budgeted-batch / early-exit evaluation'),
+    'train': ('dynzoo.train', 'add_train_args', 'run_train', "train a model with the authors' or a fast recipe"),
+    'convert': ('dynzoo.hub', 'add_convert_args', 'run_convert',
+                "turn an authors' checkpoint into a Hub-ready folder (safetensors)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='dynzoo', description='Dynamic image classifiers: benchmark, evaluate, '
+                                                                 'train and convert dynzoo models.')
+    subparsers = parser.add_subparsers(dest='command', required=True)
+    for command, (module_name, add_args, run, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(command, help=help_text, description=help_text)
+        getattr(module, add_args)(sub)
+        sub.set_defaults(run=getattr(module, run))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None):
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == '__main__':
+    main()
