@@ -2,3 +2,4 @@
 from ._exits import MultiExitNetwork, select_batch
 from ._helpers import CheckpointMismatchError, check_state_dict, unwrap_state_dict
 from .msdnet import MSDNet
+from .scan import ScanResNet
