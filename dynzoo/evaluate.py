@@ -1,0 +1,328 @@
+"""Anytime, budgeted-batch and early-exit evaluation of dynzoo models, their result tables, and the handlers of the
+``dynzoo bench`` / ``dynzoo eval`` commands.
+
+The MSDNet authors evaluate every exit on every sample and simulate exiting afterwards (their code needs a GPU);
+dynzoo does the same on CPU for the budgeted protocol (``collect_logits`` + ``evaluate_budgeted``) and also runs
+real early exit (``dynzoo.early_exit``).
+"""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from .data import CIFAR_NUM_CLASSES, cifar_dataset, holdout_indices
+from .factory import create_model
+from .flops import per_exit_flops, per_exit_params
+from .inference import early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions
+
+__all__ = ['ResultTable', 'collect_logits', 'evaluate_anytime', 'eval_transform', 'add_bench_args', 'run_bench',
+           'add_eval_args', 'run_eval']
+
+
+class ResultTable:
+    """Rows of results (dicts) that print as a text table, save as JSON and plot as accuracy vs FLOPs."""
+
+    def __init__(self, title: str, rows: List[Dict], x: str, y: str, meta: Optional[Dict] = None):
+        self.title, self.rows, self.x, self.y, self.meta = title, rows, x, y, dict(meta or {})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Dict:
+        return self.rows[index]
+
+    def column(self, name: str) -> List:
+        return [row[name] for row in self.rows]
+
+    @staticmethod
+    def _format(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return ' '.join(ResultTable._format(v) for v in value)
+        if isinstance(value, float):
+            if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+                return f'{value:.4g}'
+            return f'{value:.4f}'
+        return str(value)
+
+    def __str__(self) -> str:
+        if not self.rows:
+            return f'{self.title}\n(no rows)'
+        columns = list(self.rows[0])
+        cells = [columns] + [[self._format(row.get(c, '')) for c in columns] for row in self.rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+        lines = ['  '.join(cell.rjust(w) for cell, w in zip(r, widths)) for r in cells]
+        return '\n'.join([self.title, lines[0], '-' * len(lines[0])] + lines[1:])
+
+    __repr__ = __str__
+
+    def to_dict(self) -> Dict:
+        return dict(title=self.title, meta=self.meta, rows=self.rows)
+
+    def to_json(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def plot(self, path, label: Optional[str] = None) -> Path:
+        """Save a PNG of ``y`` (accuracy) against ``x`` (FLOPs, in millions) with matplotlib."""
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(np.asarray(self.column(self.x), dtype=float) / 1e6, 100 * np.asarray(self.column(self.y), dtype=float),
+                marker='o', label=label or self.meta.get('model'))
+        ax.set_xlabel(f'{self.x} (MFLOPs, multiply-adds)')
+        ax.set_ylabel(f'{self.y} (%)')
+        ax.set_title(self.title, fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def collect_logits(model, loader, progress: bool = False) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Logits of every exit for every sample of ``loader`` (model in eval mode): ([N x C per exit], labels)."""
+    model.eval()
+    device = _device_of(model)
+    per_exit, labels = None, []
+    for images, targets in tqdm(loader, desc='logits', disable=not progress, leave=False):
+        outputs = model(images.to(device))
+        per_exit = [[] for _ in outputs] if per_exit is None else per_exit
+        for store, logits in zip(per_exit, outputs):
+            store.append(logits.float().cpu())
+        labels.append(torch.as_tensor(targets))
+    if per_exit is None:
+        raise ValueError('the loader yielded no batches')
+    return [torch.cat(store) for store in per_exit], torch.cat(labels)
+
+
+def _topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).double().mean().item()
+
+
+def evaluate_anytime(model, loader, progress: bool = False) -> ResultTable:
+    """Top-1/top-5 of every exit on ``loader`` (no ensembling, as MSDNet's anytime mode), with per-exit fvcore FLOPs
+    (cascade and standalone scopes) and cumulative parameters."""
+    logits, labels = collect_logits(model, loader, progress)
+    images = next(iter(loader))[0]
+    input_size = tuple(images.shape[1:])
+    cascade = per_exit_flops(model, input_size, scope='cascade')
+    standalone = per_exit_flops(model, input_size, scope='standalone')
+    params = per_exit_params(model, input_size)
+    rows = [dict(exit=k + 1, top1=_topk_accuracy(l, labels, 1), top5=_topk_accuracy(l, labels, 5),
+                 flops_cascade=cascade[k], flops_standalone=standalone[k], params=params[k])
+            for k, l in enumerate(logits)]
+    name = _model_name(model)
+    return ResultTable(f'anytime: {name} on {len(labels)} images', rows, x='flops_cascade', y='top1',
+                       meta=dict(model=name, num_samples=len(labels)))
+
+
+def _model_name(model) -> str:
+    return (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', type(model).__name__)
+
+
+def eval_transform(model):
+    """The model's evaluation preprocessing from its pretrained config (timm's ``resolve_data_config``)."""
+    from timm.data import create_transform, resolve_data_config
+    return create_transform(**resolve_data_config(model=model))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _add_common_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('model')
+    group.add_argument('--pretrained', action='store_true', help='load the registered pretrained weights')
+    group.add_argument('--checkpoint', default=None, help='local checkpoint file (the authors\' format works too)')
+    group.add_argument('--num-classes', type=int, default=None,
+                       help='classifier size (default: the dataset\'s classes for random weights, else the model\'s)')
+    group = parser.add_argument_group('data')
+    group.add_argument('--data', choices=('sample', 'npz', 'torchvision'), default='sample',
+                       help='sample: CIFAR-10 test images shipped with dynzoo (default); npz: packed JPEG file; '
+                            'torchvision: CIFAR download folder')
+    group.add_argument('--data-path', default=None, help='packed JPEG npz file (--data npz)')
+    group.add_argument('--data-root', default=None, help='torchvision CIFAR folder (--data torchvision)')
+    group.add_argument('--dataset', choices=sorted(CIFAR_NUM_CLASSES), default='cifar10')
+    group.add_argument('--download', action='store_true', help='download CIFAR with torchvision into --data-root')
+    group.add_argument('--limit', type=int, default=None, help='evaluate at most this many test images')
+    group.add_argument('--batch-size', type=int, default=100)
+    group.add_argument('--workers', type=int, default=0)
+    group.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    group.add_argument('--out', default=None, help='folder for the JSON results and PNG plots')
+
+
+def _build_model(args, name: str):
+    kwargs = {}
+    num_classes = args.num_classes
+    if num_classes is None and not (args.pretrained or args.checkpoint):
+        num_classes = CIFAR_NUM_CLASSES[args.dataset]
+    if args.checkpoint:
+        kwargs['pretrained_cfg_overlay'] = dict(file=os.fspath(args.checkpoint))
+    model = create_model(name, pretrained=bool(args.pretrained or args.checkpoint), num_classes=num_classes,
+                         **kwargs)
+    return model.eval()
+
+
+def _dataset(args, split: str, transform) -> Dataset:
+    return cifar_dataset(split, source=args.data, root=args.data_root, path=args.data_path, name=args.dataset,
+                         download=args.download, transform=transform)
+
+
+def _limited(dataset: Dataset, limit: Optional[int]) -> Dataset:
+    return dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))
+
+
+def _loader(dataset: Dataset, args) -> DataLoader:
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+
+
+def _split_heldout_test(args, transform, holdout: int, seed: int = 0) -> Tuple[Dataset, Dataset]:
+    """Held-out split for threshold fitting and test split: the embedded sample is cut in two (seeded); otherwise
+    ``holdout`` training images (MSDNet: 5,000) against the test split, all with evaluation preprocessing."""
+    if args.data == 'sample':
+        test = _dataset(args, 'test', transform)
+        test_index, heldout_index = holdout_indices(len(test), min(holdout, len(test) // 2), seed)
+        return Subset(test, heldout_index.tolist()), _limited(Subset(test, test_index.tolist()), args.limit)
+    train = _dataset(args, 'train', transform)
+    heldout_index = holdout_indices(len(train), holdout, seed)[1]
+    return Subset(train, heldout_index.tolist()), _limited(_dataset(args, 'test', transform), args.limit)
+
+
+def _save(table: ResultTable, out: Optional[str], stem: str) -> None:
+    if out:
+        json_path = table.to_json(Path(out) / f'{stem}.json')
+        png_path = table.plot(Path(out) / f'{stem}.png')
+        print(f'saved {json_path} and {png_path}')
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``dynzoo bench MODEL [MODEL ...]``: per-exit FLOPs (all scopes), parameters and accuracy."""
+    parser.add_argument('models', nargs='+', help='dynzoo model names (see dynzoo.list_models())')
+    parser.add_argument('--no-accuracy', action='store_true', help='FLOPs and parameters only, no data')
+    _add_common_args(parser)
+    return parser
+
+
+def run_bench(args) -> List[ResultTable]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tables = []
+    for name in args.models:
+        model = _build_model(args, name)
+        lazy = per_exit_flops(model, scope='lazy')
+        authors = per_exit_flops(model, convention='authors') if getattr(model, 'flops_convention', None) else None
+        if args.no_accuracy:
+            cascade, standalone = per_exit_flops(model, scope='cascade'), per_exit_flops(model, scope='standalone')
+            params = per_exit_params(model)
+            rows = [dict(exit=k + 1, flops_cascade=cascade[k], flops_standalone=standalone[k], params=params[k])
+                    for k in range(model.num_exits)]
+            table = ResultTable(f'bench: {name}', rows, x='flops_cascade', y='params', meta=dict(model=name))
+        else:
+            loader = _loader(_limited(_dataset(args, 'test', eval_transform(model)), args.limit), args)
+            table = evaluate_anytime(model, loader, progress=True)
+            table.title = f'bench: {name} on {table.meta["num_samples"]} {args.data} images'
+        for k, row in enumerate(table.rows):
+            row['flops_lazy'] = lazy[k]
+            if authors is not None:
+                row['flops_authors'] = authors[k]
+        print(table, end='\n\n')
+        if args.out and args.no_accuracy:
+            table.to_json(Path(args.out) / f'bench_{name}.json')
+        elif args.out:
+            _save(table, args.out, f'bench_{name}')
+        tables.append(table)
+    return tables
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``dynzoo eval MODEL --mode anytime|budget|early-exit``."""
+    parser.add_argument('model', help='dynzoo model name')
+    parser.add_argument('--mode', choices=('anytime', 'budget', 'early-exit'), default='anytime',
+                        help='anytime: every exit on every image; budget: MSDNet budgeted batch (thresholds fitted '
+                             'on a held-out split, q = p/20); early-exit: real early exit at given operating points')
+    parser.add_argument('--holdout', type=int, default=5000,
+                        help='held-out images for threshold fitting (training split; half the sample at most)')
+    parser.add_argument('--q', type=float, nargs='+', default=[0.25, 0.5, 1.0, 2.0],
+                        help='early-exit: geometric exit distributions to fit thresholds for')
+    parser.add_argument('--thresholds', type=float, nargs='+', default=None,
+                        help='early-exit: explicit per-exit thresholds instead of --q')
+    _add_common_args(parser)
+    return parser
+
+
+def run_eval(args) -> ResultTable:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _build_model(args, args.model)
+    transform = eval_transform(model)
+    if args.mode == 'anytime':
+        loader = _loader(_limited(_dataset(args, 'test', transform), args.limit), args)
+        table = evaluate_anytime(model, loader, progress=True)
+    elif args.mode == 'budget':
+        table = _eval_budget(model, args, transform)
+    else:
+        table = _eval_early_exit(model, args, transform)
+    print(table)
+    _save(table, args.out, args.mode)
+    return table
+
+
+def _eval_budget(model, args, transform) -> ResultTable:
+    heldout, test = _split_heldout_test(args, transform, args.holdout)
+    val_logits, val_labels = collect_logits(model, _loader(heldout, args), progress=True)
+    test_logits, test_labels = collect_logits(model, _loader(test, args), progress=True)
+    flops = per_exit_flops(model, scope='cascade')
+    rows = evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, flops)
+    rows = [dict(q=r['q'], accuracy=r['accuracy'], expected_flops=r['expected_flops'],
+                 exit_fractions=r['exit_fractions'], thresholds=r['thresholds']) for r in rows]
+    name = _model_name(model)
+    return ResultTable(f'budgeted batch: {name}, thresholds on {len(val_labels)} held-out, {len(test_labels)} test',
+                       rows, x='expected_flops', y='accuracy', meta=dict(model=name, flops_cascade=flops))
+
+
+def _eval_early_exit(model, args, transform) -> ResultTable:
+    heldout, test = _split_heldout_test(args, transform, args.holdout)
+    flops = per_exit_flops(model, scope='cascade')
+    if args.thresholds is not None:
+        points = [('given', args.thresholds)]
+    else:
+        val_logits, _ = collect_logits(model, _loader(heldout, args), progress=True)
+        points = [(q, fit_thresholds(val_logits, geometric_fractions(q, model.num_exits))) for q in args.q]
+    loader = _loader(test, args)
+    rows = []
+    with torch.no_grad():
+        for q, thresholds in points:
+            correct, spent, seen, elapsed = 0, 0.0, 0, 0.0
+            exit_counts = torch.zeros(model.num_exits, dtype=torch.long)
+            for images, labels in tqdm(loader, desc=f'early exit q={q}', leave=False):
+                start = time.perf_counter()
+                result = early_exit(model, images.to(_device_of(model)), thresholds, flops=flops)
+                elapsed += time.perf_counter() - start
+                correct += (result.predictions.cpu() == labels).sum().item()
+                spent, seen = spent + result.flops, seen + len(labels)
+                exit_counts += torch.bincount(result.exits.cpu(), minlength=model.num_exits)
+            rows.append(dict(q=q, accuracy=correct / seen, mean_flops=spent / seen, flops_ratio=spent / seen / flops[-1],
+                             exit_fractions=(exit_counts.double() / seen).tolist(), seconds=elapsed,
+                             thresholds=list(thresholds)))
+    name = _model_name(model)
+    return ResultTable(f'real early exit: {name} on {len(test)} images', rows, x='mean_flops', y='accuracy',
+                       meta=dict(model=name, flops_cascade=flops))
