@@ -190,7 +190,7 @@ class ScanResNet(MultiExitNetwork):
             state = self.relu(self.bn1(self.conv1(state)))
         return getattr(self, f'layer{k + 1}')(state)
 
-    def forward_features_head(self, k: int, state: torch.Tensor) -> torch.Tensor:
+    def exit_features(self, k: int, state: torch.Tensor) -> torch.Tensor:
         """The feature vector exit ``k`` classifies: the stage output (masked by the attention for shallow exits)
         through the exit bottleneck, flattened."""
         if k < 3:
@@ -198,7 +198,7 @@ class ScanResNet(MultiExitNetwork):
         return getattr(self, f'scala{k + 1}')(state).flatten(1)
 
     def forward_head(self, k: int, state: torch.Tensor) -> torch.Tensor:
-        return getattr(self, f'fc{k + 1}')(self.forward_features_head(k, state))
+        return getattr(self, f'fc{k + 1}')(self.exit_features(k, state))
 
     def exit_heads(self) -> List[nn.Module]:
         return [getattr(self, f'fc{k}') for k in range(1, 5)]
@@ -221,7 +221,7 @@ class ScanResNet(MultiExitNetwork):
         state = x
         for k in range(self.num_exits):
             state = self.forward_stage(k, state)
-            feature = self.forward_features_head(k, state)
+            feature = self.exit_features(k, state)
             features.append(feature)
             logits.append(getattr(self, f'fc{k + 1}')(feature))
         return logits, features
