@@ -50,9 +50,17 @@ def create_model(
     """Build a dynzoo model by name, as ``timm.create_model`` does (``arch`` or ``arch.tag`` or ``hf-hub:org/repo``).
 
     ``pretrained_cfg_overlay=dict(file=PATH)`` loads a local checkpoint, including the authors' own files.
+    Otherwise ``pretrained=True`` looks in the offline mirror (``$DYNZOO_HUB_MIRROR``, then the weights shipped in
+    ``dynzoo/weights/``) before huggingface_hub's download and cache (see ``dynzoo.hub``).
     """
     _check_name(model_name)
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
-    return timm.create_model(model_name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay,
-                             **kwargs)
+    if pretrained:
+        from .hub import resolve_pretrained_source
+        model_name, pretrained_cfg_overlay = resolve_pretrained_source(model_name, pretrained_cfg_overlay)
+    model = timm.create_model(model_name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay,
+                              **kwargs)
+    if isinstance(getattr(model, 'pretrained_cfg', None), dict):
+        model.pretrained_cfg.pop('state_dict', None)  # mirrored weights were passed in memory: do not keep a copy
+    return model

@@ -1,0 +1,386 @@
+"""Weights on the Hugging Face Hub: Hub-ready folders, model cards, offline mirrors, safe loading, conversion.
+
+* ``save_pretrained(model, dir)`` writes ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``, plus a
+  ``dynzoo`` entry with per-exit FLOPs, parameters and accuracy) + a ``README.md`` model card;
+  ``push_to_hub(model, repo_id)`` uploads that folder with ``huggingface_hub``.
+* Pretrained weights are looked up, in order: an explicit ``pretrained_cfg_overlay=dict(file=...)``; the mirror
+  directory named by the environment variable ``DYNZOO_HUB_MIRROR`` (``<mirror>/<org>/<repo>/model.safetensors`` and
+  ``config.json``, the Hub's own repository layout); the weights shipped in this package
+  (``dynzoo/weights/<architecture>.<tag>/``, the ``dynzoo`` organisation only); then huggingface_hub's normal
+  download and cache (which also works offline, ``HF_HUB_OFFLINE=1``, once the files are cached).
+* ``load_checkpoint_file(path)`` reads safetensors or PyTorch pickles, the latter with ``weights_only=True`` only:
+  code-carrying pickles are refused, truncated or corrupt files raise :class:`CheckpointFileError`.
+* ``convert_checkpoint(family, src, dst)`` turns an authors' checkpoint as released into a Hub-ready folder, through
+  the family's ``checkpoint_filter_fn``; every key must map.
+"""
+import copy
+import importlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import safetensors.torch
+import timm
+import torch
+from safetensors import SafetensorError
+from timm.models import get_pretrained_cfg, is_model, list_models, model_entrypoint, split_model_name_tag
+from torch import nn
+
+from .models import CheckpointMismatchError, MultiExitNetwork
+from .models._helpers import check_state_dict, checkpoint_filter, unwrap_state_dict
+
+__all__ = [
+    'MIRROR_ENV', 'PACKAGE_MIRROR', 'FAMILIES', 'CheckpointFileError', 'load_checkpoint_file', 'save_pretrained',
+    'push_to_hub', 'mirror_folder', 'resolve_pretrained_source', 'convert_checkpoint', 'add_convert_args',
+    'run_convert',
+]
+
+MIRROR_ENV = 'DYNZOO_HUB_MIRROR'
+PACKAGE_MIRROR = Path(__file__).parent / 'weights'
+HUB_ORG = 'dynzoo'
+WEIGHTS_NAME = 'model.safetensors'
+
+# family -> (module under dynzoo.models, registered-name prefix)
+FAMILIES: Dict[str, Tuple[str, str]] = {
+    'msdnet': ('msdnet', 'msdnet_'),
+    'scan': ('scan', 'scan_'),
+    'byot': ('scan', 'byot_'),
+    'sdpoint': ('sdpoint', 'sdpoint_'),
+    'densenet': ('densenet', 'densenet_'),
+}
+
+_PAPERS = {
+    'msdnet': 'Huang et al., "Multi-Scale Dense Networks for Resource Efficient Image Classification", ICLR 2018 '
+              '(arXiv:1703.09844)',
+    'scan': 'Zhang et al., "SCAN: A Scalable Neural Networks Framework Towards Compact and Efficient Models", '
+            'NeurIPS 2019 (arXiv:1906.03951)',
+    'byot': 'Zhang, Bao, Ma, "Self-Distillation: Towards Efficient and Compact Neural Networks", TPAMI 2021 '
+            '(journal version of "Be Your Own Teacher", ICCV 2019, arXiv:1905.08094)',
+    'sdpoint': 'Kuen et al., "Stochastic Downsampling for Cost-Adjustable Inference and Improved Regularization in '
+               'Convolutional Networks", CVPR 2018 (arXiv:1801.09335)',
+    'densenet': 'Huang et al., "Densely Connected Convolutional Networks", CVPR 2017 (arXiv:1608.06993)',
+}
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that cannot be read safely: truncated, corrupt, or a pickle carrying code."""
+
+
+def load_checkpoint_file(path) -> Any:
+    """The content of a ``.safetensors`` file or a PyTorch checkpoint, on CPU, without ever running pickled code.
+
+    PyTorch files are read with ``torch.load(weights_only=True)``, which accepts tensors, dicts, lists and numbers
+    (what the authors' ``torch.save(model.state_dict())`` / ``{'state_dict': ...}`` files hold) and refuses objects
+    that would execute code on unpickling.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'no checkpoint file at {path}')
+    with path.open('rb') as f:
+        head = f.read(9)
+    is_zip_or_pickle = head[:2] == b'PK' or head[:1] == b'\x80'
+    if path.suffix == '.safetensors' or (len(head) >= 9 and head[8:9] == b'{' and not is_zip_or_pickle):
+        try:
+            return safetensors.torch.load_file(os.fspath(path), device='cpu')
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointFileError(
+                f'{path} is not a readable safetensors file ({e}); it is probably truncated or corrupt: '
+                'download or export it again.') from e
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+            raise CheckpointFileError(
+                f'{path} is a pickle that carries Python objects other than tensors, dicts and numbers (it would run '
+                'code when loaded), so dynzoo refuses it. Load it yourself only if you trust its origin, and save '
+                'the plain state dict, e.g. torch.save(model.state_dict(), ...).') from e
+        raise CheckpointFileError(f'{path} is not a readable PyTorch checkpoint ({e}); it is probably corrupt.') from e
+    except (EOFError, RuntimeError, zipfile.BadZipFile) as e:
+        raise CheckpointFileError(
+            f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); it is probably truncated or '
+            'corrupt: download or save it again.') from e
+
+
+def _family_of(architecture: str) -> Optional[str]:
+    for family, (_, prefix) in FAMILIES.items():
+        if architecture.startswith(prefix):
+            return family
+    return None
+
+
+def _num_features(model: nn.Module) -> int:
+    if isinstance(getattr(model, 'num_features', None), int):
+        return model.num_features
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].in_features if linears else 0
+
+
+def _per_exit_stats(model: nn.Module) -> Dict[str, Any]:
+    from .flops import per_exit_flops, per_exit_params
+    if isinstance(model, MultiExitNetwork):
+        return dict(num_exits=model.num_exits, per_exit_macs=per_exit_flops(model),
+                    per_exit_params=per_exit_params(model))
+    from .flops import count_macs
+    size = model.pretrained_cfg.get('input_size', (3, 224, 224))
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        macs = count_macs(model, (torch.zeros(1, *size),))
+        model.train(was_training)
+    return dict(num_exits=1, per_exit_macs=[macs], per_exit_params=[sum(p.numel() for p in model.parameters())])
+
+
+def _fmt_m(value: float) -> str:
+    return f'{value / 1e6:.2f}'
+
+
+def _model_card(name: str, config: Dict[str, Any]) -> str:
+    info = config['dynzoo']
+    architecture = config['architecture']
+    family = _family_of(architecture)
+    paper = _PAPERS.get(family, 'see the dynzoo README')
+    accuracy = info.get('per_exit_accuracy')
+    lines = [
+        '---', 'tags:', '- image-classification', '- timm', '- dynzoo', '- early-exit', 'library_name: timm',
+        f'license: {config["pretrained_cfg"].get("license", "mit")}', '---', '',
+        f'# {name}', '',
+        f'`{architecture}` from [dynzoo](https://github.com/dynzoo/dynzoo), a {info["num_exits"]}-exit dynamic image '
+        f'classifier: every exit returns logits, so a sample can leave the network as soon as an exit is confident.',
+        '', f'Paper: {paper}.', '',
+        f'Classes: {config["num_classes"]}. Input: {"x".join(map(str, config["pretrained_cfg"]["input_size"]))}, '
+        f'mean {tuple(config["pretrained_cfg"]["mean"])}, std {tuple(config["pretrained_cfg"]["std"])}.', '',
+    ]
+    training = info.get('training')
+    if training:
+        lines += ['## Training', '']
+        lines += [f'- {key}: {value}' for key, value in training.items()]
+        lines.append('')
+    header = '| exit | cumulative params (M) | cumulative MACs (M, fvcore conv+linear) |'
+    rule = '|---:|---:|---:|'
+    if accuracy:
+        header += f' top-1 (%), {info.get("accuracy_dataset", "test set")} |'
+        rule += '---:|'
+    lines += ['## Per-exit cost' + (' and accuracy' if accuracy else ''), '', header, rule]
+    for k in range(info['num_exits']):
+        row = f'| {k + 1} | {_fmt_m(info["per_exit_params"][k])} | {_fmt_m(info["per_exit_macs"][k])} |'
+        if accuracy:
+            row += f' {accuracy[k]:.2f} |'
+        lines.append(row)
+    lines += [
+        '', '## Usage', '', '```python', 'import dynzoo, timm', '',
+        f"model = dynzoo.create_model('{name}', pretrained=True).eval()",
+        "# or, after `import dynzoo` (which registers the architectures):",
+        f"model = timm.create_model('hf-hub:{HUB_ORG}/{name}', pretrained=True).eval()",
+        'logits_per_exit = model(images)  # a list, shallow exit first' if info['num_exits'] > 1 else
+        'logits = model(images)',
+        '```', '',
+        f'Offline: set `{MIRROR_ENV}` to a folder holding `{HUB_ORG}/{name}/` (this repository\'s files).', '',
+    ]
+    return '\n'.join(lines)
+
+
+def save_pretrained(
+        model: nn.Module,
+        save_directory,
+        model_name: Optional[str] = None,
+        per_exit_accuracy: Optional[Sequence[float]] = None,
+        accuracy_dataset: Optional[str] = None,
+        training: Optional[Dict[str, Any]] = None,
+        dtype: Optional[torch.dtype] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        model_card: bool = True,
+) -> Path:
+    """Write a Hub-ready folder: ``model.safetensors``, ``config.json`` and a ``README.md`` model card.
+
+    ``model_name``: the published name (``architecture.tag``, default the model's own); ``per_exit_accuracy``
+    (percent, shallow exit first) and ``accuracy_dataset`` go to the config and card; ``training``: a flat dict
+    describing the recipe (shown in the card); ``dtype=torch.float16`` stores floating tensors in half precision
+    (``create_model`` converts them back on load); ``data_config``: the preprocessing used, as timm's
+    ``save_for_hf`` takes it. The config's ``dynzoo`` entry holds per-exit fvcore MACs and parameters.
+    """
+    save_directory = Path(save_directory)
+    architecture = model.pretrained_cfg['architecture']
+    model_name = model_name or architecture
+    arch_of_name, tag = split_model_name_tag(model_name)
+    if arch_of_name != architecture:
+        raise ValueError(f'model_name {model_name!r} does not name the architecture {architecture!r}')
+    if per_exit_accuracy is not None:
+        per_exit_accuracy = [float(a) for a in per_exit_accuracy]
+    info = _per_exit_stats(model)
+    if per_exit_accuracy is not None and len(per_exit_accuracy) != info['num_exits']:
+        raise ValueError(f'{len(per_exit_accuracy)} accuracies given for {info["num_exits"]} exits')
+    info.update(per_exit_accuracy=per_exit_accuracy, accuracy_dataset=accuracy_dataset, training=training,
+                storage_dtype=str(dtype or torch.float32).replace('torch.', ''))
+    info = {k: v for k, v in info.items() if v is not None}
+    export = copy.copy(model) if dtype in (None, torch.float32) else copy.deepcopy(model).to(dtype)
+    export.num_features = _num_features(model)  # timm's save_for_hf reads it; multi-exit networks have none
+    pretrained_cfg = {'hf_hub_id': f'{HUB_ORG}/{model_name}'}
+    if tag:
+        pretrained_cfg['tag'] = tag
+    timm.models.save_for_hf(
+        export, save_directory, safe_serialization=True, data_config=data_config,
+        model_config={'pretrained_cfg': pretrained_cfg, 'dynzoo': info})
+    if model_card:
+        config = json.loads((save_directory / 'config.json').read_text())
+        (save_directory / 'README.md').write_text(_model_card(model_name, config), encoding='utf-8')
+    return save_directory
+
+
+def push_to_hub(model: nn.Module, repo_id: str, commit_message: str = 'Add model', token: Optional[str] = None,
+                private: bool = False, revision: Optional[str] = None, **save_kwargs):
+    """Upload ``save_pretrained(model, ...)`` to ``repo_id`` (created if needed) with ``huggingface_hub``.
+
+    ``save_kwargs`` go to :func:`save_pretrained`; ``model_name`` defaults to the repository name.
+    """
+    from huggingface_hub import HfApi
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    save_kwargs.setdefault('model_name', repo_id.split('/')[-1])
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(model, folder, **save_kwargs)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                 commit_message=commit_message)
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / WEIGHTS_NAME).is_file()
+
+
+def mirror_folder(model_name: str) -> Optional[Path]:
+    """The local folder holding ``model_name``'s weights (``hf-hub:org/repo`` or ``architecture.tag``), if any.
+
+    Looks in ``$DYNZOO_HUB_MIRROR/<org>/<repo>/`` first, then in the weights shipped with dynzoo
+    (``dynzoo/weights/<repo>/`` for the ``dynzoo`` organisation).
+    """
+    if model_name.startswith('hf-hub:'):
+        repo_id = model_name[len('hf-hub:'):].split('@')[0]
+    else:
+        cfg = get_pretrained_cfg(model_name, allow_unregistered=False)
+        repo_id = cfg.hf_hub_id if cfg is not None else None
+    if not repo_id or repo_id.count('/') != 1:
+        return None
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        folder = Path(mirror).expanduser() / repo_id
+        if _has_weights(folder):
+            return folder
+    org, repo = repo_id.split('/')
+    folder = PACKAGE_MIRROR / repo
+    if org == HUB_ORG and _has_weights(folder):
+        return folder
+    return None
+
+
+def resolve_pretrained_source(model_name: str, pretrained_cfg_overlay: Optional[Dict[str, Any]] = None
+                              ) -> Tuple[str, Optional[Dict[str, Any]]]:
+    """The ``(model_name, pretrained_cfg_overlay)`` for ``timm.create_model`` that loads from a mirror folder.
+
+    Unchanged when the caller gave a ``file`` or no mirror has the weights (timm then uses the Hub and its cache).
+    Mirrored weights are read with :func:`load_checkpoint_file` and passed as the overlay's ``state_dict``.
+    """
+    overlay = dict(pretrained_cfg_overlay or {})
+    if overlay.get('file') or overlay.get('state_dict') is not None:
+        return model_name, pretrained_cfg_overlay
+    folder = mirror_folder(model_name)
+    if folder is None:
+        return model_name, pretrained_cfg_overlay
+    weights = folder / WEIGHTS_NAME
+    overlay.update(state_dict=load_checkpoint_file(weights), file=os.fspath(weights), source='mirror')
+    if model_name.startswith('hf-hub:'):
+        if not (folder / 'config.json').is_file():
+            raise FileNotFoundError(f'{folder} has {WEIGHTS_NAME} but no config.json; copy the whole Hub folder')
+        model_name = f'local-dir:{folder}'
+    return model_name, overlay
+
+
+def _load_family(family: str):
+    if family not in FAMILIES:
+        raise ValueError(f'unknown family {family!r}; choose one of {", ".join(FAMILIES)}')
+    module_name, prefix = FAMILIES[family]
+    try:
+        module = importlib.import_module(f'dynzoo.models.{module_name}')
+    except ModuleNotFoundError as e:
+        raise ValueError(f'family {family!r} is not available in this version of dynzoo '
+                         f'(no dynzoo.models.{module_name})') from e
+    filter_fn = getattr(module, 'checkpoint_filter_fn', None) or checkpoint_filter
+    names = [n for n in list_models(f'{prefix}*') if model_entrypoint(n).__module__ == module.__name__]
+    return filter_fn, names
+
+
+def _classifier_classes(state_dict: Dict[str, torch.Tensor], architecture: str) -> Optional[int]:
+    classifier = get_pretrained_cfg(architecture).classifier
+    first = classifier[0] if isinstance(classifier, (list, tuple)) else classifier
+    weight = state_dict.get(f'{first}.weight') if first else None
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+
+
+def _fits(filter_fn, state_dict, architecture: str, num_classes: Optional[int]) -> Tuple[Optional[str], int]:
+    """(None, n) if ``state_dict`` fits ``architecture`` (built on the meta device, no memory); else (error, n)."""
+    kwargs = {} if num_classes is None else {'num_classes': num_classes}
+    with torch.device('meta'):
+        model = timm.create_model(architecture, **kwargs)
+    try:
+        filter_fn(dict(state_dict), model)
+        return None, 0
+    except (CheckpointMismatchError, KeyError, RuntimeError) as e:
+        return str(e), len(model.state_dict().keys() ^ state_dict.keys())
+
+
+def convert_checkpoint(family: str, src, dst, model_name: Optional[str] = None, num_classes: Optional[int] = None,
+                       dtype: Optional[torch.dtype] = None) -> Tuple[Path, str]:
+    """Turn an authors' checkpoint ``src`` (as released) into a Hub-ready folder ``dst``; returns (dst, model name).
+
+    ``model_name``: the dynzoo architecture (tag optional) the file holds; without it, every architecture of the
+    family is tried and the one whose keys and shapes all fit is taken. ``num_classes`` defaults to the
+    checkpoint's classifier size.
+    """
+    filter_fn, names = _load_family(family)
+    state_dict = unwrap_state_dict(load_checkpoint_file(src))
+    if model_name is not None:
+        architecture = split_model_name_tag(model_name)[0]
+        if not is_model(architecture) or architecture not in names:
+            raise ValueError(f'{architecture!r} is not a {family} model; {family} models: {", ".join(names)}')
+        candidates = [architecture]
+    else:
+        candidates = names
+    problems = []
+    for architecture in candidates:
+        classes = num_classes or _classifier_classes(state_dict, architecture)
+        error, distance = _fits(filter_fn, state_dict, architecture, classes)
+        if error is None:
+            model = timm.create_model(architecture, num_classes=classes) if classes else timm.create_model(
+                architecture)
+            model.load_state_dict(check_state_dict(filter_fn(state_dict, model), model), strict=True)
+            name = model_name or architecture
+            save_pretrained(model.eval(), dst, model_name=name, dtype=dtype,
+                            training={'source': f'converted from the authors\' checkpoint {Path(src).name}'})
+            return Path(dst), name
+        problems.append((distance, architecture, error))
+    distance, architecture, error = min(problems)
+    raise CheckpointMismatchError(
+        f'{src} does not fit any {family} model (closest: {architecture}): {error} '
+        f'Is it a {family} checkpoint? Pass --family for the network it was trained with'
+        + ('' if model_name else ', or --model to name the configuration') + '.')
+
+
+def add_convert_args(parser) -> None:
+    """``dynzoo convert --family F SRC DST [--model NAME] [--num-classes N] [--dtype float16]``."""
+    parser.add_argument('--family', required=True, choices=sorted(FAMILIES), help='model family of the checkpoint')
+    parser.add_argument('src', help="the authors' checkpoint file (.pth, .pth.tar, .safetensors)")
+    parser.add_argument('dst', help='output folder (model.safetensors, config.json, README.md)')
+    parser.add_argument('--model', default=None, help='dynzoo architecture it holds (default: found from the keys)')
+    parser.add_argument('--num-classes', type=int, default=None, help="default: the checkpoint's classifier size")
+    parser.add_argument('--dtype', default='float32', choices=('float32', 'float16'), help='storage precision')
+
+
+def run_convert(args) -> int:
+    """Handler of ``dynzoo convert``: prints what was written."""
+    dst, name = convert_checkpoint(args.family, args.src, args.dst, model_name=args.model,
+                                   num_classes=args.num_classes, dtype=getattr(torch, args.dtype))
+    print(f'converted {args.src} -> {dst} ({name}); load it with '
+          f"dynzoo.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='{dst}/{WEIGHTS_NAME}'))")
+    return 0

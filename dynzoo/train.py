@@ -1,0 +1,577 @@
+"""Train dynzoo models: the authors' recipes per family, a fast CIFAR recipe, one process or many (``torchrun``).
+
+    python -m dynzoo.train --model msdnet_cifar_b7 --dataset cifar10 --data-path cifar10_jpeg.npz --output runs/b7
+    torchrun --nproc_per_node 2 -m dynzoo.train ...   # DistributedDataParallel: gloo on CPU, nccl on GPU
+
+* Presets (``--preset``, default the model family's authors' recipe) set the optimizer, learning-rate schedule,
+  epochs, global batch, weight decay, augmentation and loss; every preset value can be overridden on the command
+  line. ``fast_cifar`` is dynzoo's short recipe for CPU training (cosine with warm-up, label smoothing, bf16).
+* The loss follows the family: summed multi-exit cross-entropy for networks with several exits (MSDNet, the
+  multi-classifier baselines), ``dynzoo.losses.SCANLoss`` / ``BYOTLoss`` for SCAN / Self-Distillation, plain
+  cross-entropy for single-exit networks (DenseNet-BC; SDPoint samples its instance per batch itself in train mode).
+* ``--batch-size`` is the *global* batch: each of N processes takes one contiguous N-th of every global batch, so a
+  run gives the same batches, and without batch-dependent layers the same updates, on any number of processes.
+* Every epoch, rank 0 writes ``last.pth`` atomically (temporary file, then ``os.replace``) with model, loss,
+  optimizer, scheduler, every rank's RNG states and the epoch; ``--resume`` continues exactly, a killed run loses at
+  most the epoch in progress. ``log.json`` records the run; at the end the model is exported Hub-ready
+  (``dynzoo.hub.save_pretrained``) with its per-exit validation accuracy.
+"""
+import argparse
+import inspect
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+from timm.models import split_model_name_tag
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision import transforms
+from tqdm import tqdm
+
+from . import data, losses
+from .factory import create_model, is_dynzoo_model
+from .hub import load_checkpoint_file, save_pretrained
+from .models import MultiExitNetwork
+
+__all__ = ['PRESETS', 'DEFAULTS', 'GlobalBatchSampler', 'resolve_config', 'build_loss', 'add_train_args',
+           'run_train', 'main']
+
+# Every preset value; a preset overrides some of them, the command line overrides any of them.
+DEFAULTS: Dict[str, Any] = dict(
+    epochs=300, batch_size=64, opt='momentum', lr=0.1, momentum=0.9, weight_decay=1e-4, wd_bn_bias=True,
+    sched='multistep', milestones=[0.5, 0.75], decay_rate=0.1, warmup_epochs=0, warmup_lr=1e-5, min_lr=0.0,
+    label_smoothing=0.0, augment='auto', amp='none', channels_last=False, loss='auto',
+)
+
+# Milestones below 1 are fractions of the epochs. Sources: the spec files (MSDNet PyTorch args.py/main.py; SCAN and
+# Self-Distillation train.py; SDPoint main.py) and the DenseNet paper (CIFAR: batch 64, 300 epochs, /10 at 50% and
+# 75%, wd 1e-4, Nesterov; ImageNet: batch 256, 90 epochs, /10 at 30 and 60).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    'msdnet_cifar': dict(epochs=300, batch_size=64, opt='momentum', lr=0.1, weight_decay=1e-4,
+                         milestones=[0.5, 0.75]),
+    'msdnet_imagenet': dict(epochs=90, batch_size=256, opt='momentum', lr=0.1, weight_decay=1e-4,
+                            milestones=[30, 60]),
+    'scan_cifar': dict(epochs=200, batch_size=128, opt='momentum', lr=0.1, weight_decay=5e-4,
+                       milestones=[75, 130, 180]),
+    'byot_cifar': dict(epochs=250, batch_size=128, opt='momentum', lr=0.1, weight_decay=5e-4,
+                       milestones=[83, 166, 240]),
+    'sdpoint_imagenet': dict(epochs=115, batch_size=256, opt='momentum', lr=0.1, weight_decay=1e-4,
+                             milestones=[40, 75, 105]),
+    'densenet_cifar': dict(epochs=300, batch_size=64, opt='nesterov', lr=0.1, weight_decay=1e-4,
+                           milestones=[0.5, 0.75]),
+    'densenet_imagenet': dict(epochs=90, batch_size=256, opt='nesterov', lr=0.1, weight_decay=1e-4,
+                              milestones=[30, 60]),
+    # dynzoo's short CPU recipe (issue 9): cosine after a 2-epoch warm-up, label smoothing, no decay on BN/bias.
+    'fast_cifar': dict(epochs=60, batch_size=128, opt='nesterov', lr=0.1, weight_decay=5e-4, wd_bn_bias=False,
+                       sched='cosine', warmup_epochs=2, warmup_lr=0.01, label_smoothing=0.1, amp='bf16',
+                       channels_last=False),
+}
+
+# Registered-name prefix -> family (for presets, augmentation and loss).
+FAMILY_PREFIXES = {'msdnet_': 'msdnet', 'scan_': 'scan', 'byot_': 'byot', 'sdpoint_': 'sdpoint',
+                   'densenet_': 'densenet', 'resnet_mc': 'resnet_mc'}
+# Families whose loss is not the default (summed CE for multi-exit networks, CE otherwise); the loss classes are
+# looked up in dynzoo.losses when training starts and called as loss(model(x, return_features=True), target).
+FAMILY_LOSSES = {'scan': 'SCANLoss', 'byot': 'BYOTLoss'}
+FEATURE_LOSSES = {'SCANLoss', 'BYOTLoss'}
+DATASET_CLASSES = {'cifar10': 10, 'cifar100': 100, 'synthetic': 10}
+
+
+def family_of(model_name: str) -> Optional[str]:
+    arch = split_model_name_tag(model_name)[0]
+    return next((family for prefix, family in FAMILY_PREFIXES.items() if arch.startswith(prefix)), None)
+
+
+def _is_cifar(dataset: str) -> bool:
+    return dataset in ('cifar10', 'cifar100', 'synthetic')
+
+
+def auto_preset(model_name: str, dataset: str) -> str:
+    """The authors' recipe for the model's family on this kind of data (``fast_cifar`` if they published none)."""
+    kind = 'cifar' if _is_cifar(dataset) else 'imagenet'
+    name = f'{family_of(model_name)}_{kind}'
+    if name in PRESETS:
+        return name
+    if kind == 'cifar':
+        return 'fast_cifar'
+    raise ValueError(f'no ImageNet preset for {model_name!r}; pick one with --preset ({", ".join(PRESETS)})')
+
+
+def resolve_config(args) -> Dict[str, Any]:
+    """DEFAULTS, then the preset, then every value given on the command line."""
+    preset = args.preset if args.preset != 'auto' else auto_preset(args.model, args.dataset)
+    if preset not in PRESETS:
+        raise ValueError(f'unknown preset {preset!r}; choose one of auto, {", ".join(PRESETS)}')
+    config = dict(DEFAULTS, **PRESETS[preset], preset=preset)
+    config.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None})
+    if config['augment'] == 'auto':
+        family_preset = f'{family_of(args.model)}_cifar'
+        if _is_cifar(args.dataset):
+            config['augment'] = family_preset if family_preset in data.PRESETS else 'cifar'
+        else:
+            config['augment'] = 'imagenet'
+    config['milestones'] = [int(round(m * config['epochs'])) if m < 1 else int(m) for m in config['milestones']]
+    return config
+
+
+class GlobalBatchSampler(Sampler):
+    """A distributed batch sampler: every epoch, a permutation seeded by ``seed + epoch`` is cut into global batches
+    (the last incomplete one dropped) and rank ``r`` of ``world_size`` yields the ``r``-th contiguous slice of each.
+
+    Unlike ``DistributedSampler`` (which deals samples round-robin), the union of the ranks' batches at every step is
+    the batch one process would take, so runs on 1 and N processes see the same global batches.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        if global_batch % world_size:
+            raise ValueError(f'the global batch ({global_batch}) must be a multiple of the number of processes '
+                             f'({world_size})')
+        if num_samples < global_batch:
+            raise ValueError(f'the dataset has {num_samples} samples, fewer than one batch of {global_batch}')
+        self.num_samples, self.global_batch, self.rank, self.world_size, self.seed = (
+            num_samples, global_batch, rank, world_size, seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        per_rank = self.global_batch // self.world_size
+        for b in range(len(self)):
+            start = b * self.global_batch + self.rank * per_rank
+            yield order[start:start + per_rank]
+
+
+def build_loss(model: nn.Module, model_name: str, config: Dict[str, Any], loss_kwargs: Optional[Dict] = None
+               ) -> nn.Module:
+    """The training loss: ``config['loss']`` ('auto', 'ce', 'multi_ce' or a class name in ``dynzoo.losses``).
+
+    'auto' takes the family's loss (``FAMILY_LOSSES``), else summed multi-exit CE for networks with several exits,
+    else plain CE. ``label_smoothing`` (and ``num_features``/``num_exits`` where the loss takes them) are passed on.
+    """
+    name = config['loss']
+    if name == 'auto':
+        multi_exit = isinstance(model, MultiExitNetwork) and model.num_exits > 1
+        name = FAMILY_LOSSES.get(family_of(model_name), 'multi_ce' if multi_exit else 'ce')
+    if name == 'ce':
+        loss_cls = nn.CrossEntropyLoss
+    elif name == 'multi_ce':
+        loss_cls = losses.MultiExitCrossEntropy
+    else:
+        loss_cls = getattr(losses, name, None)
+        if not (isinstance(loss_cls, type) and issubclass(loss_cls, nn.Module)):
+            raise ValueError(f'dynzoo.losses has no loss {name!r} (in this version); pass --loss ce, multi_ce or a '
+                             f'loss class of dynzoo.losses')
+    accepted = inspect.signature(loss_cls).parameters
+    kwargs = {k: v for k, v in dict(label_smoothing=config['label_smoothing'],
+                                    num_features=getattr(model, 'num_features', None),
+                                    num_exits=getattr(model, 'num_exits', None)).items()
+              if k in accepted and v is not None}
+    if config['label_smoothing'] and 'label_smoothing' not in accepted:
+        raise ValueError(f'{loss_cls.__name__} takes no label_smoothing; pass --label-smoothing 0')
+    loss = loss_cls(**kwargs, **(loss_kwargs or {}))
+    if not hasattr(loss, 'forward_kwargs'):
+        loss.forward_kwargs = {'return_features': True} if loss_cls.__name__ in FEATURE_LOSSES else {}
+    return loss
+
+
+class TrainStep(nn.Module):
+    """Model and loss in one module, so that DDP sees (and synchronises) loss parameters such as BYOT's
+    adaptation layers; ``forward`` returns the loss."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module):
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.criterion(self.model(images, **self.criterion.forward_kwargs), target)
+
+
+def _synthetic(num_samples: int, num_classes: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (num_samples, 32, 32, 3), dtype=np.uint8), rng.integers(0, num_classes, num_samples)
+
+
+def build_datasets(args, config) -> Tuple[Dataset, Dataset]:
+    """(train, validation) datasets; CIFAR's validation set is its test split, as the authors report."""
+    stats = 'cifar10' if args.dataset == 'synthetic' else args.dataset  # synthetic data: CIFAR-10-shaped
+    train_tf = data.build_transforms(config['augment'], train=True, dataset=stats, input_size=args.input_size)
+    eval_tf = data.build_transforms(config['augment'], train=False, dataset=stats, input_size=args.input_size)
+    if args.dataset == 'synthetic':
+        n = args.synthetic_size
+        return (data.ArrayDataset(*_synthetic(n, args.num_classes or 10, args.seed), transform=train_tf),
+                data.ArrayDataset(*_synthetic(max(n // 4, 1), args.num_classes or 10, args.seed + 1),
+                                  transform=eval_tf))
+    if _is_cifar(args.dataset):
+        source = args.data_source or ('npz' if args.data_path else 'torchvision')
+        common = dict(source=source, root=args.data_root, path=args.data_path, name=args.dataset,
+                      download=args.download)
+        return (data.cifar_dataset('train', transform=train_tf, **common),
+                data.cifar_dataset('test', transform=eval_tf, **common))
+    if args.dataset == 'imagefolder':
+        if not args.data_root:
+            raise ValueError('--dataset imagefolder needs --data-root <folder with train/ and val/>')
+        return (data.image_folder(args.data_root, True, config['augment'], args.input_size),
+                data.image_folder(args.data_root, False, config['augment'], args.input_size))
+    raise ValueError(f'unknown dataset {args.dataset!r}')
+
+
+class _Distributed:
+    """Process-group bookkeeping (a single process when not started by ``torchrun``)."""
+
+    def __init__(self, device: str):
+        self.world_size = int(os.environ.get('WORLD_SIZE', 1))
+        self.rank = int(os.environ.get('RANK', 0))
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        use_cuda = torch.cuda.is_available() and device != 'cpu'
+        self.device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        self.enabled = self.world_size > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group('nccl' if use_cuda else 'gloo')
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: Sequence[float]) -> List[float]:
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _rng_state() -> Dict[str, Any]:
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state['state']['key'] = torch.from_numpy(numpy_state['state']['key'].astype(np.int64))
+    return dict(python=random.getstate(), numpy=numpy_state, torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state['python'])
+    numpy_state = dict(state['numpy'])
+    numpy_state['state'] = dict(numpy_state['state'], key=state['numpy']['state']['key'].numpy().astype(np.uint32))
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file, then rename: a reader never sees a partly written checkpoint."""
+    _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == 'none':
+        return nullcontext()
+    if amp != 'bf16':
+        raise ValueError(f"--amp must be 'bf16' or 'none', got {amp!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _as_exits(outputs) -> List[torch.Tensor]:
+    return [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, dist_info: _Distributed, config: Dict[str, Any]) -> List[float]:
+    """Top-1 (%) of every exit over the whole validation set (counts summed across processes)."""
+    model.eval()
+    correct, total = None, 0
+    for images, target in loader:
+        images, target = images.to(dist_info.device), target.to(dist_info.device)
+        if config['channels_last']:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(config['amp'], dist_info.device):
+            exits = _as_exits(model(images))
+        hits = [int((logits.argmax(1) == target).sum()) for logits in exits]
+        correct = hits if correct is None else [c + h for c, h in zip(correct, hits)]
+        total += len(target)
+    sums = dist_info.sum((correct or []) + [total])
+    return [100.0 * c / sums[-1] for c in sums[:-1]]
+
+
+def _parse_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
+    kwargs = {}
+    for item in items or []:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise ValueError(f'expected key=value, got {item!r}')
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``dynzoo train`` / ``python -m dynzoo.train``."""
+    parser.add_argument('--model', required=True, help='model name, e.g. msdnet_cifar_b7')
+    parser.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra constructor arguments')
+    parser.add_argument('--pretrained', action='store_true', help='start from pretrained weights')
+    parser.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
+    parser.add_argument('--dataset', default='cifar10', choices=('cifar10', 'cifar100', 'imagefolder', 'synthetic'))
+    parser.add_argument('--data-source', default=None, choices=('npz', 'torchvision'),
+                        help='CIFAR source (default: npz when --data-path is given, else torchvision)')
+    parser.add_argument('--data-path', default=None, help='packed-JPEG CIFAR npz (e.g. cifar10_jpeg.npz)')
+    parser.add_argument('--data-root', default=None, help='torchvision CIFAR root, or the ImageNet-style folder')
+    parser.add_argument('--download', action='store_true', help='let torchvision download CIFAR into --data-root')
+    parser.add_argument('--input-size', type=int, default=224, help='image size for --dataset imagefolder')
+    parser.add_argument('--synthetic-size', type=int, default=256, help='training images of --dataset synthetic')
+    parser.add_argument('--output', required=True, help='run folder: last.pth, log.json, pretrained/')
+    parser.add_argument('--resume', nargs='?', const='auto', default=None,
+                        help='continue from OUTPUT/last.pth (or the given checkpoint); starts fresh if absent')
+    parser.add_argument('--preset', default='auto', help=f'auto (the family\'s authors\' recipe) or one of: '
+                                                         f'{", ".join(PRESETS)}')
+    group = parser.add_argument_group('recipe (overrides the preset)')
+    group.add_argument('--epochs', type=int)
+    group.add_argument('--batch-size', type=int, help='global batch (split across processes)')
+    group.add_argument('--opt', help="timm optimizer: 'momentum' (SGD), 'nesterov', 'adamw', ...")
+    group.add_argument('--lr', type=float)
+    group.add_argument('--momentum', type=float)
+    group.add_argument('--weight-decay', type=float)
+    group.add_argument('--wd-bn-bias', action=argparse.BooleanOptionalAction, default=None,
+                       help='also decay BatchNorm and bias parameters (the authors did)')
+    group.add_argument('--sched', help="timm scheduler: 'multistep', 'cosine', 'step', ...")
+    group.add_argument('--milestones', type=float, nargs='+', help='multistep epochs (values < 1: fractions)')
+    group.add_argument('--decay-rate', type=float)
+    group.add_argument('--warmup-epochs', type=int)
+    group.add_argument('--warmup-lr', type=float)
+    group.add_argument('--min-lr', type=float)
+    group.add_argument('--label-smoothing', type=float)
+    group.add_argument('--augment', help=f'dynzoo.data transform preset ({", ".join(data.PRESETS)}) or auto')
+    group.add_argument('--amp', choices=('bf16', 'none'), help='bf16 autocast (CPU with bf16 support, or GPU)')
+    group.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument('--loss', help="'auto', 'ce', 'multi_ce' or a class of dynzoo.losses")
+    parser.add_argument('--loss-kwargs', nargs='*', metavar='KEY=VALUE', help='extra loss arguments')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--workers', type=int, default=2, help='data-loading processes per training process')
+    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
+    parser.add_argument('--eval-interval', type=int, default=1, help='validate every N epochs (and at the end)')
+    parser.add_argument('--find-unused-parameters', action='store_true', help='for DDP with partly unused losses')
+    parser.add_argument('--export', default=None, help='Hub-ready folder written at the end (OUTPUT/pretrained)')
+    parser.add_argument('--export-name', default=None, help='published name, e.g. msdnet_cifar_b7.c10')
+    parser.add_argument('--export-dtype', default='float32', choices=('float32', 'float16'))
+    parser.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
+
+
+def _loader(dataset, device: torch.device, workers: int, **kwargs) -> DataLoader:
+    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == 'cuda', **kwargs)
+
+
+def _normalization(dataset) -> Optional[Dict[str, Any]]:
+    """The mean/std the evaluation transform uses, for the exported config."""
+    steps = getattr(getattr(dataset, 'transform', None), 'transforms', [])
+    norm = next((t for t in steps if isinstance(t, transforms.Normalize)), None)
+    return None if norm is None else dict(mean=tuple(norm.mean), std=tuple(norm.std))
+
+
+def run_train(args) -> Dict[str, Any]:
+    """Train as ``args`` say; returns the run record written to ``log.json`` (rank 0; other ranks: their view)."""
+    config = resolve_config(args)
+    dist_info = _Distributed(args.device)
+    try:
+        return _train(args, config, dist_info)
+    finally:
+        dist_info.close()
+
+
+def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, Any]:
+    output = Path(args.output)
+    last = output / 'last.pth'
+    checkpoint = None
+    if args.resume:
+        path = last if args.resume == 'auto' else Path(args.resume)
+        if path.is_file():
+            checkpoint = load_checkpoint_file(path)
+        elif args.resume != 'auto':
+            raise FileNotFoundError(f'--resume {path}: no such checkpoint')
+    elif last.exists():
+        raise FileExistsError(f'{last} exists: pass --resume to continue that run, or choose another --output')
+    if dist_info.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+
+    random.seed(args.seed + dist_info.rank)
+    np.random.seed(args.seed + dist_info.rank)
+    torch.manual_seed(args.seed + dist_info.rank)
+
+    num_classes = args.num_classes or DATASET_CLASSES.get(args.dataset)
+    model_kwargs = _parse_kwargs(args.model_kwargs)
+    if num_classes:
+        model_kwargs['num_classes'] = num_classes
+    build = create_model if is_dynzoo_model(args.model) else timm.create_model
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = build(args.model, pretrained=args.pretrained, **model_kwargs)
+    torch.manual_seed(args.seed + dist_info.rank)
+    criterion = build_loss(model, args.model, config, _parse_kwargs(args.loss_kwargs))
+    step_module = TrainStep(model, criterion).to(dist_info.device)
+    if config['channels_last']:
+        step_module.to(memory_format=torch.channels_last)
+
+    train_set, val_set = build_datasets(args, config)
+    sampler = GlobalBatchSampler(len(train_set), config['batch_size'], dist_info.rank, dist_info.world_size,
+                                 args.seed)
+    train_loader = _loader(train_set, dist_info.device, args.workers, batch_sampler=sampler)
+    val_shard = Subset(val_set, range(dist_info.rank, len(val_set), dist_info.world_size))
+    val_loader = _loader(val_shard, dist_info.device, args.workers,
+                         batch_size=max(config['batch_size'] // dist_info.world_size, 1) * 2)
+
+    optimizer = create_optimizer_v2(step_module, opt=config['opt'], lr=config['lr'],
+                                    weight_decay=config['weight_decay'], momentum=config['momentum'],
+                                    filter_bias_and_bn=not config['wd_bn_bias'])
+    per_epoch = config['sched'] in ('multistep', 'step')
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=config['sched'], num_epochs=config['epochs'], decay_milestones=config['milestones'],
+        decay_epochs=config['milestones'][0] if config['sched'] == 'step' else None,
+        decay_rate=config['decay_rate'], min_lr=config['min_lr'], warmup_lr=config['warmup_lr'],
+        warmup_epochs=config['warmup_epochs'], step_on_epochs=per_epoch, updates_per_epoch=len(sampler))
+
+    start_epoch, global_step, history, train_time = 0, 0, [], 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint['model'])
+        criterion.load_state_dict(checkpoint['criterion'])
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scheduler.load_state_dict(checkpoint['scheduler'])
+        start_epoch, global_step = checkpoint['epoch'], checkpoint['global_step']
+        history, train_time = checkpoint['history'], checkpoint['train_time']
+        rng = checkpoint['rng']
+        if len(rng) == dist_info.world_size:
+            _set_rng_state(rng[dist_info.rank])
+        elif dist_info.is_main:
+            print(f'resuming on {dist_info.world_size} processes a run saved on {len(rng)}: random streams differ')
+        changed = {k: (checkpoint['config'].get(k), v) for k, v in config.items() if checkpoint['config'].get(k) != v}
+        if changed and dist_info.is_main:
+            print(f'resuming with changed settings (checkpoint, now): {changed}')
+        if dist_info.is_main:
+            print(f'resumed from epoch {start_epoch} ({global_step} steps)')
+
+    if dist_info.enabled:
+        ddp = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[dist_info.device.index] if dist_info.device.type == 'cuda' else None,
+            find_unused_parameters=args.find_unused_parameters)
+    else:
+        ddp = step_module
+    record = dict(model=args.model, model_kwargs=model_kwargs, dataset=args.dataset, world_size=dist_info.world_size,
+                  config=config, epochs=history)
+    if dist_info.is_main:
+        print(f'training {args.model} on {args.dataset} ({len(train_set)} images, {len(sampler)} steps/epoch) with '
+              f'preset {config["preset"]}: ' + ', '.join(f'{k}={v}' for k, v in config.items() if k != 'preset'))
+
+    accuracy = history[-1]['val_top1'] if history and history[-1].get('val_top1') else None
+    for epoch in range(start_epoch, config['epochs']):
+        sampler.set_epoch(epoch)
+        step_module.train()
+        started = time.time()
+        loss_sum, steps = 0.0, 0
+        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{config["epochs"]}', leave=False,
+                   disable=args.no_progress or not dist_info.is_main, dynamic_ncols=True)
+        for images, target in bar:
+            images = images.to(dist_info.device, non_blocking=True)
+            target = target.to(dist_info.device, non_blocking=True)
+            if config['channels_last']:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with _autocast(config['amp'], dist_info.device):
+                loss = ddp(images, target)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1} step {steps + 1}: lower --lr')
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            global_step += 1
+            scheduler.step_update(num_updates=global_step)
+            loss_sum += loss.item()
+            steps += 1
+            bar.set_postfix(loss=f'{loss_sum / steps:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.4g}')
+        scheduler.step(epoch + 1)
+        elapsed = time.time() - started
+        loss_total, step_total = dist_info.sum([loss_sum, steps])
+        last_epoch = epoch + 1 == config['epochs']
+        if last_epoch or (epoch + 1) % args.eval_interval == 0:
+            accuracy = evaluate(model, val_loader, dist_info, config)
+        else:
+            accuracy = None
+        train_time += elapsed
+        entry = dict(epoch=epoch + 1, train_loss=loss_total / max(step_total, 1), lr=optimizer.param_groups[0]['lr'],
+                     val_top1=accuracy, epoch_time_s=round(elapsed, 2),
+                     images_per_s=round(len(sampler) * config['batch_size'] / elapsed, 1))
+        history.append(entry)
+        rng = dist_info.gather(_rng_state())
+        if dist_info.is_main:
+            save_checkpoint(last, dict(
+                epoch=epoch + 1, global_step=global_step, model=model.state_dict(), criterion=criterion.state_dict(),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng, history=history,
+                train_time=train_time, config=config, model_name=args.model))
+            _atomic_write(output / 'log.json', lambda f: f.write(json.dumps(record, indent=1).encode()))
+            top1 = ' '.join(f'{a:.2f}' for a in accuracy) if accuracy else '-'
+            tqdm.write(f'epoch {epoch + 1}/{config["epochs"]}  loss {entry["train_loss"]:.4f}  lr {entry["lr"]:.4g}  '
+                       f'val top-1 per exit [{top1}]  {elapsed:.0f}s ({entry["images_per_s"]:.0f} img/s)')
+
+    record['train_time_s'] = round(train_time, 1)
+    if dist_info.is_main:
+        _atomic_write(output / 'log.json', lambda f: f.write(json.dumps(record, indent=1).encode()))
+        if accuracy is None:
+            accuracy = evaluate(model, val_loader, dist_info, config)
+        export = Path(args.export) if args.export else output / 'pretrained'
+        recipe = {k: config[k] for k in ('preset', 'epochs', 'batch_size', 'opt', 'lr', 'weight_decay', 'sched',
+                                         'label_smoothing', 'augment', 'amp')}
+        save_pretrained(
+            model.eval(), export, model_name=args.export_name, per_exit_accuracy=accuracy,
+            accuracy_dataset=f'{args.dataset} {"test" if _is_cifar(args.dataset) else "val"} ({len(val_set)} images)',
+            training=dict(recipe, trainer='dynzoo.train', processes=dist_info.world_size,
+                          train_time_h=round(train_time / 3600, 2)),
+            dtype=getattr(torch, args.export_dtype), data_config=_normalization(val_set))
+        print(f'done: per-exit val top-1 {[round(a, 2) for a in accuracy]}; Hub-ready weights in {export}')
+    elif accuracy is None:
+        evaluate(model, val_loader, dist_info, config)  # rank 0 evaluates collectively: join it
+    return record
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m dynzoo.train', description=__doc__.split('\n')[0])
+    add_train_args(parser)
+    run_train(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
