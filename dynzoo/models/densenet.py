@@ -116,9 +116,11 @@ class DenseLayer(nn.Module):
         self.memory_efficient = memory_efficient
 
     def bottleneck(self, features: List[torch.Tensor]) -> torch.Tensor:
-        """The 1x1 bottleneck output; memory-efficient only when a backward pass can follow (else nothing is saved)."""
+        """The 1x1 bottleneck output; memory-efficient only when a backward pass can follow (else nothing is saved)
+        and not under ``torch.jit.trace`` (fvcore counts through the plain, identical path)."""
         params = (self.norm1.weight, self.norm1.bias, self.conv1.weight)
-        if self.memory_efficient and torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *features)):
+        if (self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_tracing()
+                and any(t.requires_grad for t in (*params, *features))):
             return _EfficientBottleneck.apply(self.norm1, *params, *features)
         return self.conv1(F.relu(self.norm1(torch.cat(features, 1)), inplace=True))
 
