@@ -3,3 +3,5 @@ from ._exits import MultiExitNetwork, select_batch
 from ._helpers import CheckpointMismatchError, check_state_dict, unwrap_state_dict
 from .msdnet import MSDNet
 from .scan import ScanResNet
+from .densenet import DenseNet, DenseNetMC
+from .resnet_mc import ResNetMC
