@@ -1,0 +1,194 @@
+"""Threshold fitting (MSDNet protocol), the genetic search, the SCAN rule, real early exit, evaluation CLI."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+import dynzoo
+from dynzoo.evaluate import add_bench_args, add_eval_args, run_bench, run_eval
+from dynzoo.inference import (ALWAYS, NEVER, early_exit, evaluate_budgeted, fit_thresholds, genetic_threshold_search,
+                              geometric_fractions, scan_predict, simulate_early_exit)
+
+torch.set_num_threads(1)
+
+# fvcore conv + linear multiply-adds of msdnet_cifar_b7 with 10 classes, cascade scope (stages and heads 1..k).
+MSDNET_CIFAR_B7_CASCADE = [14955776, 25235968, 36745984, 45926400, 56876288, 66460160, 75407104]
+
+
+def _two_class_logits(confidences):
+    """Logits whose softmax is (c, 1 - c): the max probability is exactly c for c > 0.5, the class is 0."""
+    c = torch.tensor(confidences, dtype=torch.float64)
+    return torch.log(torch.stack([c, 1 - c], dim=1))
+
+
+def test_fit_thresholds_hand_computed():
+    # Exit 1: floor(10 * 0.5) = 5 samples leave; the 5th most confident is 0.75 (samples 0..4).
+    # Exit 2: of samples 5..9 (confidences 0.55 0.95 0.65 0.85 0.75) the 3rd most confident is 0.75 (6, 8, 9).
+    exit1 = [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.52]
+    exit2 = [0.99, 0.6, 0.7, 0.8, 0.9, 0.55, 0.95, 0.65, 0.85, 0.75]
+    logits = [_two_class_logits(exit1), _two_class_logits(exit2), _two_class_logits([0.6] * 10)]
+    thresholds = fit_thresholds(logits, [0.5, 0.3, 0.2])
+    assert thresholds[0] == pytest.approx(0.75, abs=1e-6)
+    assert thresholds[1] == pytest.approx(0.75, abs=1e-6)
+    assert thresholds[2] == ALWAYS
+    result = simulate_early_exit(logits, thresholds, flops=[1, 2, 3])
+    assert result.exits.tolist() == [0, 0, 0, 0, 0, 2, 1, 2, 1, 1]
+    assert result.exit_fractions(3) == pytest.approx([0.5, 0.3, 0.2])
+    assert result.flops == 5 * 1 + 3 * 2 + 2 * 3
+    # floor(10 * 0.05) = 0: nobody exits at exit 1 and its threshold stays at the authors' 1e8.
+    assert fit_thresholds(logits, [0.05, 0.5, 0.45])[0] == NEVER
+
+
+def test_geometric_fractions_and_realised_fractions():
+    target = geometric_fractions(0.5, 5)
+    assert target == pytest.approx([16 / 31, 8 / 31, 4 / 31, 2 / 31, 1 / 31])
+    generator = torch.Generator().manual_seed(0)
+    logits = [3 * torch.randn(1000, 10, generator=generator) for _ in range(5)]
+    result = simulate_early_exit(logits, fit_thresholds(logits, target))
+    realised = result.exit_fractions(5)
+    for k in range(4):  # the spec's check: realised = floor(N * p_k) / N on continuous confidences
+        assert realised[k] == math.floor(1000 * target[k]) / 1000
+    assert sum(realised) == pytest.approx(1.0)
+
+
+def test_evaluate_budgeted_curve():
+    generator = torch.Generator().manual_seed(1)
+    logits = [2 * torch.randn(400, 10, generator=generator) for _ in range(3)]
+    labels = torch.randint(0, 10, (400,), generator=generator)
+    flops = [10.0, 25.0, 40.0]
+    rows = evaluate_budgeted(logits, labels, logits, labels, flops)
+    assert [r['q'] for r in rows] == pytest.approx([p / 20 for p in range(1, 40)])
+    for row in rows:  # same split for fitting and testing: realised fractions are the fitted ones
+        assert row['exit_fractions'] == pytest.approx(row['val_exit_fractions'])
+        assert row['expected_flops'] == pytest.approx(sum(f * c for f, c in zip(row['exit_fractions'], flops)))
+    assert rows[0]['expected_flops'] < rows[-1]['expected_flops']
+
+
+def _synthetic_exits(num_samples=600, seed=0):
+    """Three exits with informative confidences: a later exit is right more often, and a confident exit is right."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (num_samples,), generator=generator)
+    difficulty = torch.rand(num_samples, generator=generator)
+    logits = []
+    for skill in (0.35, 0.6, 0.85):
+        margin = 4 * (skill - difficulty) + 0.5 * torch.randn(num_samples, generator=generator)
+        wrong = (labels + 1 + torch.randint(0, 9, (num_samples,), generator=generator)) % 10
+        predicted = torch.where(margin > 0, labels, wrong)
+        out = 0.3 * torch.randn(num_samples, 10, generator=generator)
+        out[torch.arange(num_samples), predicted] += 1 + 3 * margin.abs()
+        logits.append(out)
+    return logits, labels
+
+
+def test_genetic_search_reproducible_and_beats_single_exits():
+    logits, labels = _synthetic_exits()
+    flops = [1.0, 2.0, 3.0]
+    single_exit_accuracy = [(l.argmax(1) == labels).double().mean().item() for l in logits]
+    first = genetic_threshold_search(logits, labels, flops, budget=2.0, seed=3, generations=30)
+    again = genetic_threshold_search(logits, labels, flops, budget=2.0, seed=3, generations=30)
+    assert first.thresholds == again.thresholds and first.history == again.history
+    assert first.history == sorted(first.history)  # elitism: the best fitness never drops
+    for budget in (1.0, 1.5, 2.0, 2.5, 3.0):
+        result = genetic_threshold_search(logits, labels, flops, budget=budget, seed=0, generations=30)
+        affordable = [a for a, f in zip(single_exit_accuracy, flops) if f <= budget]
+        assert result.expected_flops <= budget + 1e-9
+        assert result.accuracy >= max(affordable)
+        replay = simulate_early_exit(logits, result.thresholds, flops)
+        assert replay.accuracy(labels) == pytest.approx(result.accuracy)
+        assert replay.mean_flops == pytest.approx(result.expected_flops)
+    # With informative confidences, mixing exits beats exit 2 alone at exit 2's cost.
+    at_exit2_cost = genetic_threshold_search(logits, labels, flops, budget=2.0, seed=0, generations=30)
+    assert at_exit2_cost.accuracy > single_exit_accuracy[1] + 0.02
+
+
+def test_scan_rule_hand_case():
+    # Sample 0 passes exit 1 (0.99 > 0.98); sample 1 equals exit 1's threshold (strict: no) and passes exit 2;
+    # sample 2 never passes and takes the mean of the logits (class 1 wins the ensemble).
+    exit1 = torch.log(torch.tensor([[0.99, 0.01], [0.98, 0.02], [0.9, 0.1]], dtype=torch.float64))
+    exit2 = torch.log(torch.tensor([[0.5, 0.5], [0.01, 0.99], [0.4, 0.6]], dtype=torch.float64))
+    exit3 = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.3, 0.7]], dtype=torch.float64))
+    exit4 = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.2, 0.8]], dtype=torch.float64))
+    result = scan_predict([exit1, exit2, exit3, exit4])
+    assert result.exits.tolist() == [0, 1, 4]
+    assert result.predictions.tolist() == [0, 1, 1]
+    assert result.mean_flops == pytest.approx((0.32 + 0.53 + 1.07) / 3)
+
+
+@pytest.fixture(scope='module')
+def msdnet():
+    torch.manual_seed(0)
+    return dynzoo.create_model('msdnet_cifar_b7', num_classes=10).eval()
+
+
+def _batch_sizes_per_stage(model):
+    sizes = []
+    def record(module, args):
+        state = args[0]
+        sizes.append((state if isinstance(state, torch.Tensor) else state[0]).shape[0])
+    handles = [block.register_forward_pre_hook(record) for block in model.blocks]
+    return sizes, handles
+
+
+def test_early_exit_matches_simulation(msdnet):
+    generator = torch.Generator().manual_seed(0)
+    x_val, x_test = torch.randn(2, 16, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        val_logits, test_logits = msdnet(x_val), msdnet(x_test)
+    thresholds = fit_thresholds(val_logits, geometric_fractions(0.5, msdnet.num_exits))
+    for logits, threshold in zip(test_logits[:-1], thresholds):  # no sample sits on a threshold
+        assert (torch.softmax(logits, 1).max(1).values - threshold).abs().min() > 1e-6
+    simulated = simulate_early_exit(test_logits, thresholds, MSDNET_CIFAR_B7_CASCADE)
+    sizes, handles = _batch_sizes_per_stage(msdnet)
+    try:
+        real = early_exit(msdnet, x_test, thresholds, flops=MSDNET_CIFAR_B7_CASCADE)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(real.predictions, simulated.predictions)
+    assert torch.equal(real.exits, simulated.exits)
+    assert real.flops == simulated.flops
+    assert sizes == real.samples_per_stage  # each stage ran on the samples still inside, nothing more
+    assert len(set(real.exits.tolist())) > 2 and sizes[0] == 16 and sizes[-1] < 16
+    assert real.mean_flops < MSDNET_CIFAR_B7_CASCADE[-1]
+
+
+def test_early_exit_counts_cascade_flops(msdnet):
+    x = torch.randn(2, 3, 32, 32)
+    everyone_at_exit1 = early_exit(msdnet, x, [0.0] + [NEVER] * 6)  # counts the cascade FLOPs itself
+    assert everyone_at_exit1.flops == 2 * MSDNET_CIFAR_B7_CASCADE[0] and everyone_at_exit1.samples_per_stage == [2]
+
+
+def test_scan_predict_real_equals_simulated(msdnet):
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = msdnet(x)
+    thresholds = [0.3, 0.8, 0.9, 0.9999, 0.99999, 0.999999, 0.9999999]
+    simulated, real = scan_predict(logits, thresholds=thresholds, relative_costs=[1] * 8), \
+        scan_predict(msdnet, x, thresholds=thresholds, relative_costs=[1] * 8)
+    assert torch.equal(real.predictions, simulated.predictions) and torch.equal(real.exits, simulated.exits)
+    with pytest.raises(ValueError, match='thresholds'):
+        scan_predict(logits)  # the authors' four thresholds do not fit a seven-exit model
+
+
+def _parse(add_args, argv):
+    return add_args(argparse.ArgumentParser()).parse_args(argv)
+
+
+def test_cli_eval_and_bench_smoke(tmp_path, capsys):
+    table = run_eval(_parse(add_eval_args, ['msdnet_cifar_b7', '--limit', '4', '--batch-size', '4',
+                                            '--out', str(tmp_path)]))
+    saved = json.loads((tmp_path / 'anytime.json').read_text())
+    assert [row['flops_cascade'] for row in saved['rows']] == MSDNET_CIFAR_B7_CASCADE
+    assert saved['meta']['num_samples'] == 4 and len(table) == 7
+    assert (tmp_path / 'anytime.png').read_bytes()[:4] == b'\x89PNG'
+    table = run_eval(_parse(add_eval_args, ['msdnet_cifar_b7', '--mode', 'early-exit', '--q', '0.5', '2',
+                                            '--holdout', '8', '--limit', '8', '--batch-size', '8']))
+    assert [row['q'] for row in table.rows] == [0.5, 2.0]
+    assert table.rows[0]['mean_flops'] < table.rows[1]['mean_flops'] <= MSDNET_CIFAR_B7_CASCADE[-1]
+    tables = run_bench(_parse(add_bench_args, ['scan_resnet18', '--no-accuracy', '--out', str(tmp_path)]))
+    cascade, lazy = tables[0].column('flops_cascade'), tables[0].column('flops_lazy')
+    assert len(cascade) == 4 and cascade == sorted(cascade) and all(l <= c for l, c in zip(lazy, cascade))
+    assert json.loads((tmp_path / 'bench_scan_resnet18.json').read_text())['rows'][-1]['flops_cascade'] == cascade[-1]
+    assert 'bench: scan_resnet18' in capsys.readouterr().out
