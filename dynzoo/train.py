@@ -163,7 +163,8 @@ def build_loss(model: nn.Module, model_name: str, config: Dict[str, Any], loss_k
     """The training loss: ``config['loss']`` ('auto', 'ce', 'multi_ce' or a class name in ``dynzoo.losses``).
 
     'auto' takes the family's loss (``FAMILY_LOSSES``), else summed multi-exit CE for networks with several exits,
-    else plain CE. ``label_smoothing`` (and ``num_features``/``num_exits`` where the loss takes them) are passed on.
+    else plain CE. ``label_smoothing`` and the model's ``num_features``/``num_exits`` are passed to losses that take
+    them (SCAN/BYOT losses have no label smoothing: it is then switched off in ``config``).
     """
     name = config['loss']
     if name == 'auto':
@@ -179,12 +180,13 @@ def build_loss(model: nn.Module, model_name: str, config: Dict[str, Any], loss_k
             raise ValueError(f'dynzoo.losses has no loss {name!r} (in this version); pass --loss ce, multi_ce or a '
                              f'loss class of dynzoo.losses')
     accepted = inspect.signature(loss_cls).parameters
-    kwargs = {k: v for k, v in dict(label_smoothing=config['label_smoothing'],
-                                    num_features=getattr(model, 'num_features', None),
-                                    num_exits=getattr(model, 'num_exits', None)).items()
+    num_features = getattr(model, 'num_features', None)
+    kwargs = {k: v for k, v in dict(label_smoothing=config['label_smoothing'], num_features=num_features,
+                                    feature_dim=num_features, num_exits=getattr(model, 'num_exits', None)).items()
               if k in accepted and v is not None}
     if config['label_smoothing'] and 'label_smoothing' not in accepted:
-        raise ValueError(f'{loss_cls.__name__} takes no label_smoothing; pass --label-smoothing 0')
+        print(f'{loss_cls.__name__} has no label smoothing: training without it')
+        config['label_smoothing'] = 0.0
     loss = loss_cls(**kwargs, **(loss_kwargs or {}))
     if not hasattr(loss, 'forward_kwargs'):
         loss.forward_kwargs = {'return_features': True} if loss_cls.__name__ in FEATURE_LOSSES else {}
@@ -212,8 +214,11 @@ def _synthetic(num_samples: int, num_classes: int, seed: int):
 def build_datasets(args, config) -> Tuple[Dataset, Dataset]:
     """(train, validation) datasets; CIFAR's validation set is its test split, as the authors report."""
     stats = 'cifar10' if args.dataset == 'synthetic' else args.dataset  # synthetic data: CIFAR-10-shaped
-    train_tf = data.build_transforms(config['augment'], train=True, dataset=stats, input_size=args.input_size)
-    eval_tf = data.build_transforms(config['augment'], train=False, dataset=stats, input_size=args.input_size)
+    augment = config['augment']
+    preset = ('cifar' if _is_cifar(args.dataset) else 'imagenet') if augment == 'none' else augment
+    eval_tf = data.build_transforms(preset, train=False, dataset=stats, input_size=args.input_size)
+    train_tf = eval_tf if augment == 'none' else data.build_transforms(preset, train=True, dataset=stats,
+                                                                       input_size=args.input_size)
     if args.dataset == 'synthetic':
         n = args.synthetic_size
         return (data.ArrayDataset(*_synthetic(n, args.num_classes or 10, args.seed), transform=train_tf),
@@ -228,8 +233,9 @@ def build_datasets(args, config) -> Tuple[Dataset, Dataset]:
     if args.dataset == 'imagefolder':
         if not args.data_root:
             raise ValueError('--dataset imagefolder needs --data-root <folder with train/ and val/>')
-        return (data.image_folder(args.data_root, True, config['augment'], args.input_size),
-                data.image_folder(args.data_root, False, config['augment'], args.input_size))
+        train_set = data.image_folder(args.data_root, True, preset, args.input_size)
+        train_set.transform = train_tf
+        return train_set, data.image_folder(args.data_root, False, preset, args.input_size)
     raise ValueError(f'unknown dataset {args.dataset!r}')
 
 
@@ -379,7 +385,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--warmup-lr', type=float)
     group.add_argument('--min-lr', type=float)
     group.add_argument('--label-smoothing', type=float)
-    group.add_argument('--augment', help=f'dynzoo.data transform preset ({", ".join(data.PRESETS)}) or auto')
+    group.add_argument('--augment', help=f'dynzoo.data transform preset ({", ".join(data.PRESETS)}), auto or none')
     group.add_argument('--amp', choices=('bf16', 'none'), help='bf16 autocast (CPU with bf16 support, or GPU)')
     group.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None)
     group.add_argument('--loss', help="'auto', 'ce', 'multi_ce' or a class of dynzoo.losses")
@@ -388,7 +394,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--workers', type=int, default=2, help='data-loading processes per training process')
     parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     parser.add_argument('--eval-interval', type=int, default=1, help='validate every N epochs (and at the end)')
-    parser.add_argument('--find-unused-parameters', action='store_true', help='for DDP with partly unused losses')
+    parser.add_argument('--find-unused-parameters', action='store_true',
+                        help='DDP: allow parameters without gradient (automatic for losses with parameters)')
     parser.add_argument('--export', default=None, help='Hub-ready folder written at the end (OUTPUT/pretrained)')
     parser.add_argument('--export-name', default=None, help='published name, e.g. msdnet_cifar_b7.c10')
     parser.add_argument('--export-dtype', default='float32', choices=('float32', 'float16'))
@@ -488,7 +495,7 @@ def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, A
     if dist_info.enabled:
         ddp = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[dist_info.device.index] if dist_info.device.type == 'cuda' else None,
-            find_unused_parameters=args.find_unused_parameters)
+            find_unused_parameters=args.find_unused_parameters or any(True for _ in criterion.parameters()))
     else:
         ddp = step_module
     record = dict(model=args.model, model_kwargs=model_kwargs, dataset=args.dataset, world_size=dist_info.world_size,
