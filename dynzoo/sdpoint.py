@@ -1,0 +1,124 @@
+"""SDPoint helpers: per-instance BN recalibration, per-instance FLOPs and instance choice under a budget.
+
+The networks live in ``dynzoo.models.sdpoint`` (``sdpoint_resnet50``, ``sdpoint_preresnet101``, ...).
+"""
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .flops import _eval_mode, _example_input, count_macs
+from .models.sdpoint import Instance, SDPointResNet
+
+__all__ = ['recalibrate_bn', 'instance_flops', 'select_instance']
+
+
+def _require_sdpoint(model) -> None:
+    if not isinstance(model, SDPointResNet):
+        raise TypeError(f'{type(model).__name__} is not an SDPoint network (build one with '
+                        f'dynzoo.create_model("sdpoint_resnet50") or another sdpoint_* name)')
+
+
+@torch.no_grad()
+def recalibrate_bn(model: SDPointResNet, loader: Iterable, instances: Optional[Sequence] = None,
+                   num_batches: Optional[int] = 100) -> SDPointResNet:
+    """Estimate batch-norm statistics for each instance and store them in ``model``.
+
+    For every instance (default: all of ``model.instances()``), every BN layer's running statistics are reset and
+    re-estimated as a cumulative average (BN ``momentum=None``) over the first ``num_batches`` batches of ``loader``
+    (``None``: all of it) run in train mode with that instance, then stored with ``model.store_bn_stats``. From then on
+    ``model(x, instance=...)`` in eval mode uses them, and they are saved and loaded with the ``state_dict``. The
+    model's shared running statistics, BN momenta and train/eval mode are restored afterwards.
+
+    ``loader`` yields image batches or ``(images, ...)`` tuples (labels are ignored); use training images with the
+    training transforms as the authors do, or held-out images with the eval transforms.
+
+    The authors instead re-run the whole training set before evaluating each instance, updating the shared statistics
+    as an EMA (momentum 0.1) that starts from the previous instance's statistics, and store nothing.
+    """
+    _require_sdpoint(model)
+    instances = model.instances() if instances is None else [model.check_instance(i) for i in instances]
+    layers = model.bn_layers()
+    saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
+             for bn in layers]
+    param = next(model.parameters())
+    was_training = model.training
+    model.train()
+    try:
+        for instance in instances:
+            for bn in layers:
+                bn.reset_running_stats()
+                bn.momentum = None
+            seen = 0
+            for batch in loader:
+                if num_batches is not None and seen >= num_batches:
+                    break
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                model(x.to(device=param.device, dtype=param.dtype), instance=instance)
+                seen += 1
+            if seen == 0:
+                raise ValueError('recalibrate_bn got an empty loader: pass a loader that yields image batches')
+            model.store_bn_stats(instance)
+    finally:
+        for bn, (mean, var, count, momentum) in zip(layers, saved):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.num_batches_tracked.copy_(count)
+            bn.momentum = momentum
+        model.train(was_training)
+    return model
+
+
+class _InstanceGraph(nn.Module):
+    """``forward(x)`` runs one instance, so that fvcore can trace it."""
+
+    def __init__(self, model: SDPointResNet, instance: Instance):
+        super().__init__()
+        self.model, self.instance = model, instance
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, instance=self.instance)
+
+
+def instance_flops(model: SDPointResNet, input_size: Optional[Sequence[int]] = None,
+                   instances: Optional[Sequence] = None, ops: Optional[Sequence[str]] = None) -> Dict[Instance, int]:
+    """fvcore multiply-adds of one image per instance, as ``{instance: count}`` in ``model.instances()`` order.
+
+    ``input_size`` defaults to the model's ``pretrained_cfg['input_size']``; ``instances`` to all of them.
+    ``ops=None`` keeps fvcore's default count (conv, linear, batch norm, adaptive average pooling; this is what the
+    SDPoint spec tabulates, e.g. 8.013 GMAC for the full ResNeXt-101 32x4d); pass ``dynzoo.flops.CONV_LINEAR_OPS``
+    for conv + linear only, the convention of ``dynzoo.per_exit_flops``. The authors' ``utils/flops.py`` counts about
+    twice these numbers (2 FLOPs per multiply-add, plus ReLU, pooling and residual adds).
+    """
+    _require_sdpoint(model)
+    x = _example_input(model, input_size)
+    instances = model.instances() if instances is None else [model.check_instance(i) for i in instances]
+    with _eval_mode(model):
+        return {instance: count_macs(_InstanceGraph(model, instance), x, ops=ops) for instance in instances}
+
+
+def select_instance(flops: Union[Mapping, SDPointResNet], budget: float,
+                    accuracy: Optional[Mapping] = None) -> Instance:
+    """The instance to run under a cost ``budget`` (same unit as ``flops``).
+
+    ``flops`` is ``instance_flops(model)`` (or the model itself, which computes it). Without ``accuracy``, the most
+    expensive instance that fits (cost is the only accuracy proxy, and it is not monotone in the point); with
+    ``accuracy`` (``{instance: accuracy}`` from an evaluation, instances absent from it are skipped), the most accurate
+    instance that fits, the cheaper one on ties. Raises a ``ValueError`` naming the cheapest instance if none fits.
+    """
+    if isinstance(flops, nn.Module):
+        flops = instance_flops(flops)
+    flops = {Instance(*k): v for k, v in flops.items()}
+    if accuracy is not None:
+        accuracy = {Instance(*k): v for k, v in accuracy.items()}
+        unknown = accuracy.keys() - flops.keys()
+        if unknown:
+            raise ValueError(f'accuracy lists instances without a FLOPs count: {sorted(unknown, key=str)[:5]}')
+    candidates = [i for i in flops if flops[i] <= budget and (accuracy is None or i in accuracy)]
+    if not candidates:
+        cheapest = min(flops, key=flops.get)
+        raise ValueError(f'no instance fits a budget of {budget:,}: the cheapest is {tuple(cheapest)} at '
+                         f'{flops[cheapest]:,}')
+    if accuracy is None:
+        return max(candidates, key=lambda i: flops[i])
+    return max(candidates, key=lambda i: (accuracy[i], -flops[i]))
