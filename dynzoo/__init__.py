@@ -3,5 +3,6 @@ from . import models
 from .factory import UnknownModelError, create_model, is_dynzoo_model, list_models
 from .flops import count_macs, per_exit_flops, per_exit_params
 from .models import CheckpointMismatchError, MultiExitNetwork
+from .sdpoint import instance_flops
 
 __version__ = '0.1.0'

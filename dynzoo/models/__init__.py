@@ -5,3 +5,4 @@ from .msdnet import MSDNet
 from .scan import ScanResNet
 from .densenet import DenseNet, DenseNetMC
 from .resnet_mc import ResNetMC
+from .sdpoint import Instance, SDPointResNet

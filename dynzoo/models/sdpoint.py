@@ -17,7 +17,8 @@ Instances (``model.instances()`` lists them in the authors' evaluation order):
   ``S`` being the size the max-pool would have produced (for the CIFAR stem, which has no max-pool, ``S = H``).
 
 ``model(x, instance=(p, r))`` runs one instance. Without ``instance``, eval runs ``(None, None)`` and train samples an
-instance per call (per mini-batch) with torch's global generator.
+instance per call (per mini-batch) with torch's global generator, so DDP ranks seeded alike sample alike (the authors
+use Python's ``random`` inside ``nn.DataParallel``).
 
 Where dynzoo differs from the authors' code:
 
@@ -38,6 +39,7 @@ Where dynzoo differs from the authors' code:
   instances, against 177 MB of weights). Checkpoints without them (the authors') load as usual.
 """
 import math
+import numbers
 from contextlib import contextmanager, nullcontext
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
@@ -341,9 +343,9 @@ class SDPointResNet(nn.Module):
             point, ratio = object(), None
         if point is None and ratio is None:
             return NIL
-        if isinstance(point, int) and not isinstance(point, bool) and 0 <= point <= self.stem_point \
+        if isinstance(point, numbers.Integral) and not isinstance(point, bool) and 0 <= point <= self.stem_point \
                 and ratio in RATIOS:
-            return Instance(point, float(ratio))
+            return Instance(int(point), float(ratio))
         raise ValueError(
             f'{instance!r} is not an instance of this {type(self).__name__}. Valid instances are (None, None) (no '
             f'extra downsampling), (p, r) with p in 0..{self.num_blocks - 1} (after residual block p) or '
