@@ -1,0 +1,139 @@
+"""Wall-clock time of real early exit against the full forward, next to the FLOPs ratio (CPU).
+
+Thresholds are fitted on held-out images for MSDNet's geometric exit distributions (and for the q whose held-out
+expected FLOPs come closest to ``--target-ratio`` of the full model), then one test batch runs through
+``dynzoo.early_exit`` and through ``model(x)`` (every exit), alternately, ``--repeats`` times; the fastest run of each
+is kept (robust to other load on the machine). The "stage-time model" column predicts the time ratio from the
+measured time of each stage in the full forward (samples that ran stage k x its per-sample time): the gap between
+FLOPs and time that comes from stages differing in time per FLOP, not from early exit itself.
+
+    python benchmarks/early_exit.py --data npz --data-path ../shared/data/cifar10_jpeg.npz --batch-size 256
+
+Weights are random unless ``--checkpoint``/``--pretrained`` is given: the timings hold, the accuracy does not.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import dynzoo
+from dynzoo.data import cifar_dataset, holdout_indices
+from dynzoo.evaluate import collect_logits, eval_transform
+from dynzoo.inference import early_exit, fit_thresholds, geometric_fractions, simulate_early_exit
+
+DEFAULT_NPZ = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10_jpeg.npz'
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', default='msdnet_cifar_b7')
+    parser.add_argument('--checkpoint', default=None)
+    parser.add_argument('--pretrained', action='store_true')
+    parser.add_argument('--data', choices=('npz', 'torchvision', 'sample'), default=None,
+                        help='default: npz when --data-path (or ../shared/data/cifar10_jpeg.npz) exists, else sample')
+    parser.add_argument('--data-path', default=None)
+    parser.add_argument('--data-root', default=None)
+    parser.add_argument('--holdout', type=int, default=1000, help='held-out images for threshold fitting')
+    parser.add_argument('--batch-size', type=int, default=256)
+    parser.add_argument('--q', type=float, nargs='+', default=[0.25, 0.5, 1.0, 1.5])
+    parser.add_argument('--target-ratio', type=float, default=0.5,
+                        help='also time the q whose held-out FLOPs are closest to this share of the full model')
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--seed', type=int, default=0)
+    return parser.parse_args()
+
+
+def load_splits(args, transform):
+    source = args.data
+    path = args.data_path or (DEFAULT_NPZ if DEFAULT_NPZ.is_file() else None)
+    if source is None:
+        source = 'npz' if path is not None else 'sample'
+    if source == 'sample':
+        test = cifar_dataset('test', source='sample', transform=transform)
+        test_index, heldout_index = holdout_indices(len(test), len(test) - args.batch_size, args.seed)
+        return source, Subset(test, heldout_index.tolist()), Subset(test, test_index.tolist())
+    train = cifar_dataset('train', source=source, root=args.data_root, path=path, transform=transform)
+    test = cifar_dataset('test', source=source, root=args.data_root, path=path, transform=transform)
+    heldout_index = holdout_indices(len(train), args.holdout, args.seed)[1]
+    test_index = np.random.default_rng(args.seed).permutation(len(test))[:args.batch_size]
+    return source, Subset(train, heldout_index.tolist()), Subset(test, np.sort(test_index).tolist())
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def stage_seconds(model, x):
+    """Seconds of stage k plus head k on the whole batch, for every k (one full pass)."""
+    seconds, state = [], x
+    for k in range(model.num_exits):
+        start = time.perf_counter()
+        state = model.forward_stage(k, state)
+        model.forward_head(k, state)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    kwargs = dict(pretrained_cfg_overlay=dict(file=args.checkpoint)) if args.checkpoint else dict(num_classes=10)
+    model = dynzoo.create_model(args.model, pretrained=bool(args.pretrained or args.checkpoint), **kwargs).eval()
+    source, heldout, test = load_splits(args, eval_transform(model))
+    val_logits, _ = collect_logits(model, DataLoader(heldout, batch_size=args.batch_size))
+    x, labels = next(iter(DataLoader(test, batch_size=args.batch_size)))
+    flops = dynzoo.per_exit_flops(model, scope='cascade')
+    full_flops = flops[-1]
+
+    def heldout_ratio(q):
+        thresholds = fit_thresholds(val_logits, geometric_fractions(q, model.num_exits))
+        return simulate_early_exit(val_logits, thresholds, flops).mean_flops / full_flops
+
+    grid = np.round(np.arange(0.05, 3.0, 0.05), 2)
+    target_q = float(grid[np.argmin([abs(heldout_ratio(q) - args.target_ratio) for q in grid])])
+    points = sorted(set(args.q) | {target_q})
+
+    with torch.no_grad():
+        model(x)  # warm-up
+        per_stage = np.min([stage_seconds(model, x) for _ in range(args.repeats)], axis=0)
+        rows = []
+        for q in points:
+            thresholds = fit_thresholds(val_logits, geometric_fractions(q, model.num_exits))
+            result = early_exit(model, x, thresholds, flops=flops)
+            early_time, full_time = [], []
+            for _ in range(args.repeats):
+                early_time.append(timed(lambda: early_exit(model, x, thresholds, flops=flops)))
+                full_time.append(timed(lambda: model(x)))
+            flops_ratio = result.mean_flops / full_flops
+            time_ratio = min(early_time) / min(full_time)
+            model_ratio = float(np.dot(result.samples_per_stage, per_stage[:len(result.samples_per_stage)])
+                                / (len(labels) * per_stage.sum()))
+            rows.append((q, flops_ratio, time_ratio, time_ratio / flops_ratio, model_ratio, time_ratio / model_ratio,
+                         min(early_time), min(full_time), result.accuracy(labels),
+                         result.exit_fractions(model.num_exits)))
+
+    print(f'{args.model}, {source} CIFAR-10, batch {len(labels)}, {args.threads} CPU thread(s), '
+          f'best of {args.repeats}; thresholds fitted on {len(heldout)} held-out images; '
+          f'full model {full_flops / 1e6:.2f} MFLOPs (fvcore cascade, all exits)')
+    share = ' '.join(f'{t / per_stage.sum():.2f}' for t in per_stage)
+    flops_share = ' '.join(f'{f / full_flops:.2f}' for f in np.diff(flops, prepend=0))
+    print(f'time share of stage+head k in the full forward: {share}; FLOPs share: {flops_share}')
+    print('| q | FLOPs ratio | time ratio | time / FLOPs | stage-time model | time / model | early exit (s) | '
+          'full (s) | top-1 | exit fractions |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    for q, flops_ratio, time_ratio, overhead, model_ratio, residual, early_s, full_s, accuracy, fractions in rows:
+        marker = ' (target)' if q == target_q else ''
+        print(f'| {q:.2f}{marker} | {flops_ratio:.3f} | {time_ratio:.3f} | {overhead:.3f} | {model_ratio:.3f} | '
+              f'{residual:.3f} | {early_s:.3f} | {full_s:.3f} | {accuracy:.3f} | '
+              f'{" ".join(f"{f:.2f}" for f in fractions)} |')
+
+
+if __name__ == '__main__':
+    main()
