@@ -31,7 +31,7 @@ from timm.models import get_pretrained_cfg, is_model, list_models, model_entrypo
 from torch import nn
 
 from .models import CheckpointMismatchError, MultiExitNetwork
-from .models._helpers import check_state_dict, checkpoint_filter, unwrap_state_dict
+from .models._helpers import checkpoint_filter, unwrap_state_dict
 
 __all__ = [
     'MIRROR_ENV', 'PACKAGE_MIRROR', 'FAMILIES', 'CheckpointFileError', 'load_checkpoint_file', 'save_pretrained',
@@ -256,6 +256,8 @@ def mirror_folder(model_name: str) -> Optional[Path]:
     Looks in ``$DYNZOO_HUB_MIRROR/<org>/<repo>/`` first, then in the weights shipped with dynzoo
     (``dynzoo/weights/<repo>/`` for the ``dynzoo`` organisation).
     """
+    if model_name.startswith('local-dir:'):
+        return None
     if model_name.startswith('hf-hub:'):
         repo_id = model_name[len('hf-hub:'):].split('@')[0]
     else:
@@ -318,9 +320,8 @@ def _classifier_classes(state_dict: Dict[str, torch.Tensor], architecture: str) 
     return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
 
 
-def _fits(filter_fn, state_dict, architecture: str, num_classes: Optional[int]) -> Tuple[Optional[str], int]:
-    """(None, n) if ``state_dict`` fits ``architecture`` (built on the meta device, no memory); else (error, n)."""
-    kwargs = {} if num_classes is None else {'num_classes': num_classes}
+def _fits(filter_fn, state_dict, architecture: str, kwargs: Dict[str, Any]) -> Tuple[Optional[str], int]:
+    """(None, 0) if ``state_dict`` fits ``architecture`` (built on the meta device, no memory); else (error, distance)."""
     with torch.device('meta'):
         model = timm.create_model(architecture, **kwargs)
     try:
@@ -331,12 +332,14 @@ def _fits(filter_fn, state_dict, architecture: str, num_classes: Optional[int]) 
 
 
 def convert_checkpoint(family: str, src, dst, model_name: Optional[str] = None, num_classes: Optional[int] = None,
-                       dtype: Optional[torch.dtype] = None) -> Tuple[Path, str]:
+                       dtype: Optional[torch.dtype] = None, model_kwargs: Optional[Dict[str, Any]] = None
+                       ) -> Tuple[Path, str]:
     """Turn an authors' checkpoint ``src`` (as released) into a Hub-ready folder ``dst``; returns (dst, model name).
 
     ``model_name``: the dynzoo architecture (tag optional) the file holds; without it, every architecture of the
     family is tried and the one whose keys and shapes all fit is taken. ``num_classes`` defaults to the
-    checkpoint's classifier size.
+    checkpoint's classifier size; ``model_kwargs`` describe a configuration the authors trained but dynzoo does not
+    register (e.g. ``dict(n_blocks=10)``).
     """
     filter_fn, names = _load_family(family)
     state_dict = unwrap_state_dict(load_checkpoint_file(src))
@@ -349,12 +352,14 @@ def convert_checkpoint(family: str, src, dst, model_name: Optional[str] = None, 
         candidates = names
     problems = []
     for architecture in candidates:
+        kwargs = dict(model_kwargs or {})
         classes = num_classes or _classifier_classes(state_dict, architecture)
-        error, distance = _fits(filter_fn, state_dict, architecture, classes)
+        if classes:
+            kwargs['num_classes'] = classes
+        error, distance = _fits(filter_fn, state_dict, architecture, kwargs)
         if error is None:
-            model = timm.create_model(architecture, num_classes=classes) if classes else timm.create_model(
-                architecture)
-            model.load_state_dict(check_state_dict(filter_fn(state_dict, model), model), strict=True)
+            model = timm.create_model(architecture, **kwargs)
+            model.load_state_dict(filter_fn(state_dict, model), strict=True)
             name = model_name or architecture
             save_pretrained(model.eval(), dst, model_name=name, dtype=dtype,
                             training={'source': f'converted from the authors\' checkpoint {Path(src).name}'})
@@ -375,12 +380,21 @@ def add_convert_args(parser) -> None:
     parser.add_argument('--model', default=None, help='dynzoo architecture it holds (default: found from the keys)')
     parser.add_argument('--num-classes', type=int, default=None, help="default: the checkpoint's classifier size")
     parser.add_argument('--dtype', default='float32', choices=('float32', 'float16'), help='storage precision')
+    parser.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', default=[],
+                        help='constructor arguments of a configuration dynzoo does not register, e.g. n_blocks=10')
 
 
 def run_convert(args) -> int:
     """Handler of ``dynzoo convert``: prints what was written."""
+    model_kwargs = {}
+    for item in args.model_kwargs:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise ValueError(f'--model-kwargs expects key=value, got {item!r}')
+        model_kwargs[key] = json.loads(value) if value[:1].isdigit() or value in ('true', 'false') else value
     dst, name = convert_checkpoint(args.family, args.src, args.dst, model_name=args.model,
-                                   num_classes=args.num_classes, dtype=getattr(torch, args.dtype))
-    print(f'converted {args.src} -> {dst} ({name}); load it with '
-          f"dynzoo.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='{dst}/{WEIGHTS_NAME}'))")
+                                   num_classes=args.num_classes, dtype=getattr(torch, args.dtype),
+                                   model_kwargs=model_kwargs)
+    print(f"converted {args.src} -> {dst} ({name}); load it with dynzoo.create_model('local-dir:{dst}', "
+          f"pretrained=True), or put the folder in ${MIRROR_ENV}/{HUB_ORG}/{name}/ for create_model('{name}')")
     return 0
