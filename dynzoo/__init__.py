@@ -4,5 +4,8 @@ from .factory import UnknownModelError, create_model, is_dynzoo_model, list_mode
 from .flops import count_macs, per_exit_flops, per_exit_params
 from .models import CheckpointMismatchError, MultiExitNetwork
 from .sdpoint import instance_flops
+from .hub import push_to_hub, save_pretrained
+from .inference import early_exit, evaluate_budgeted, fit_thresholds
+from .evaluate import evaluate_anytime
 
 __version__ = '0.1.0'

@@ -216,7 +216,11 @@ def save_pretrained(
     info.update(per_exit_accuracy=per_exit_accuracy, accuracy_dataset=accuracy_dataset, training=training,
                 storage_dtype=str(dtype or torch.float32).replace('torch.', ''))
     info = {k: v for k, v in info.items() if v is not None}
-    export = copy.copy(model) if dtype in (None, torch.float32) else copy.deepcopy(model).to(dtype)
+    channels_last = any(not t.is_contiguous() for t in model.state_dict().values())
+    if dtype in (None, torch.float32) and not channels_last:
+        export = copy.copy(model)
+    else:  # safetensors stores contiguous tensors
+        export = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.contiguous_format)
     export.num_features = _num_features(model)  # timm's save_for_hf reads it; multi-exit networks have none
     pretrained_cfg = {'hf_hub_id': f'{HUB_ORG}/{model_name}'}
     if tag:
