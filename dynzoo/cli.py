@@ -25,10 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None):
+def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    args.run(args)
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    raise SystemExit(main())
