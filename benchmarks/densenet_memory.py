@@ -1,13 +1,17 @@
-"""Peak training memory and step time of DenseNet-BC, memory-efficient vs plain: ``python benchmarks/densenet_memory.py``.
+"""Peak training memory and step time of DenseNet-BC, memory-efficient vs plain.
+
+Run ``python benchmarks/densenet_memory.py``.
 
 Rows: the CIFAR DenseNet-BC models (depth 100 k12, 190 k40, 250 k24; dynzoo plain and memory-efficient) and
 ``densenet_bc_121`` against torchvision's ``densenet121`` (plain and its own ``memory_efficient=True``). Every
 measurement runs in a fresh Python process (this script with ``--worker``), so allocator caches and earlier peaks do
 not leak between rows. One training step is forward, cross-entropy, backward (model in train mode, no optimizer).
 
-Memory is the peak of the step above what was allocated before it (weights, input): on CUDA
-``torch.cuda.max_memory_allocated``, on CPU the growth of the process's peak resident set (``ru_maxrss``), which
-includes the weight gradients and allocator slack. Time is the median of ``--steps`` steps after the measured one.
+Memory is the peak of the bytes allocated during the step that are live at once (activations, weight gradients,
+temporaries; not the weights and input allocated before it): on CUDA from ``torch.cuda.max_memory_allocated``, on CPU
+from ``torch.profiler`` with ``profile_memory=True``, summing each op's own (self) allocations in start order. The
+CPU table also lists the growth of the process's peak resident set (``ru_maxrss``), which adds allocator slack and
+fragmentation. Time is the median of ``--steps`` unprofiled steps after the measured one.
 Prints a table and saves a PNG of memory vs depth (``--plot``).
 """
 import argparse
@@ -59,23 +63,31 @@ def worker(args) -> dict:
         before = torch.cuda.memory_allocated()
         step()
         peak = torch.cuda.max_memory_allocated() - before
+        rss = float('nan')
     else:
+        from torch.profiler import ProfilerActivity, profile
         before = _current_rss_bytes()
-        step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        live = peak = 0
+        for event in sorted(prof.profiler.function_events, key=lambda e: e.time_range.start):
+            live += event.self_cpu_memory_usage
+            peak = max(peak, live)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {'peak_mib': peak / 2 ** 20, 'step_s': statistics.median(times)}
+    return {'peak_mib': peak / 2 ** 20, 'rss_mib': rss / 2 ** 20, 'step_s': statistics.median(times)}
 
 
 def measure(source: str, model: str, impl: str, batch: int, size: int, cfg) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', '--source', source, '--model', model,
            '--impl', impl, '--batch', str(batch), '--size', str(size), '--steps', str(cfg.steps),
            '--threads', str(cfg.threads), '--device', cfg.device]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': str(cfg.threads)})
+    env = {**os.environ, 'OMP_NUM_THREADS': str(cfg.threads)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f'measurement {source} {model} {impl} failed:\n{result.stderr}')
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -129,13 +141,13 @@ def main():
 
     plain = {(r['source'], r['model']): r for r in rows if r['impl'] == 'plain'}
     print(f'\nDenseNet-BC training step on {args.device} ({args.threads} thread(s)), peak memory above weights + input')
-    print('| model | implementation | batch | peak MiB | vs plain | step s | time vs plain |')
-    print('|---|---|---|---:|---:|---:|---:|')
+    print('| model | implementation | batch | peak MiB | vs plain | peak RSS growth MiB | step s | time vs plain |')
+    print('|---|---|---|---:|---:|---:|---:|---:|')
     for r in rows:
         base = plain[r['source'], r['model']]
         print(f'| {r["model"]} {r["size"]}x{r["size"]} | {r["source"]} {r["impl"]} | {r["batch"]} | '
-              f'{r["peak_mib"]:.0f} | {r["peak_mib"] / base["peak_mib"]:.2f} | {r["step_s"]:.2f} | '
-              f'{r["step_s"] / base["step_s"]:.2f} |')
+              f'{r["peak_mib"]:.0f} | {r["peak_mib"] / base["peak_mib"]:.2f} | {r["rss_mib"]:.0f} | '
+              f'{r["step_s"]:.2f} | {r["step_s"] / base["step_s"]:.2f} |')
     plot(rows, args.plot)
     print(f'\nsaved {args.plot}')
 

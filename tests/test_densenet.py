@@ -59,7 +59,7 @@ def test_param_counts(name, num_classes, params):
 
 @pytest.mark.parametrize('name', ['densenet_bc_121', 'densenet_bc_161'])
 def test_torchvision_parity(name):
-    reference = getattr(torchvision.models, name.replace('_bc_', '')) (weights=None).eval()
+    reference = getattr(torchvision.models, name.replace('_bc_', ''))(weights=None).eval()
     model = dynzoo.create_model(name).eval()
     assert list(model.state_dict()) == list(reference.state_dict())
     model.load_state_dict(reference.state_dict())

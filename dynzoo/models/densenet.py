@@ -19,8 +19,8 @@ Where dynzoo differs from both references:
   A custom autograd function keeps only the block's existing feature maps and the per-channel batch statistics,
   recomputes concat + BN + ReLU in the backward pass from those statistics and does not re-run the 1x1 convolution.
   Its BN therefore updates the running statistics (and ``num_batches_tracked``) once per step, as the plain network
-  does; under checkpointing the references update them twice. Outputs are bit-identical, gradients equal to float
-  rounding.
+  does; under checkpointing the references update them twice. Outputs, gradients and running statistics equal the
+  plain implementation's (bit for bit in the CPU tests).
 * ``exits='blocks'`` builds :class:`DenseNetMC`, a :class:`MultiExitNetwork` with a classifier (BN-ReLU-pool-Linear,
   like the final one) after every dense block: the DenseNet^MC baseline. Without ``exits`` the model is a
   single-exit :class:`DenseNet` whose ``forward`` returns one logits tensor, like timm and torchvision.
@@ -82,7 +82,7 @@ class _EfficientBottleneck(torch.autograd.Function):
             running_mean, running_var = ctx.running_stats or (None, None)
             activations = F.relu(F.batch_norm(
                 torch.cat(inputs, 1), running_mean, running_var, weight, bias,
-                training=ctx.running_stats is None, momentum=0.0, eps=ctx.eps))
+                training=ctx.running_stats is None, momentum=0.0, eps=ctx.eps), inplace=True)
         conv_input = activations.detach().to(ctx.conv_dtype)
         grad_out = grad_out.to(ctx.conv_dtype)
         grad_conv_weight = None
@@ -137,7 +137,8 @@ class DenseBlock(nn.ModuleDict):
     def __init__(self, num_layers: int, in_chs: int, growth_rate: int, bn_size: int, drop_rate: float,
                  memory_efficient: bool):
         super().__init__({
-            f'denselayer{i + 1}': DenseLayer(in_chs + i * growth_rate, growth_rate, bn_size, drop_rate, memory_efficient)
+            f'denselayer{i + 1}': DenseLayer(
+                in_chs + i * growth_rate, growth_rate, bn_size, drop_rate, memory_efficient)
             for i in range(num_layers)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +172,8 @@ class _DenseFeatures:
                         memory_efficient: bool) -> Tuple['OrderedDict[str, nn.Module]', List[int], List[int]]:
         """Return the named feature modules (no final norm), the index after each dense block, its channels."""
         if stem not in ('imagenet', 'cifar'):
-            raise ValueError(f"stem must be 'imagenet' (7x7/2 conv, BN, ReLU, max-pool) or 'cifar' (3x3 conv), got {stem!r}")
+            raise ValueError(
+                f"stem must be 'imagenet' (7x7/2 conv, BN, ReLU, max-pool) or 'cifar' (3x3 conv), got {stem!r}")
         if not 0 < compression <= 1:
             raise ValueError(f'compression must be in (0, 1], got {compression}')
         self.stem = stem
@@ -187,7 +189,8 @@ class _DenseFeatures:
             modules = OrderedDict([('conv0', nn.Conv2d(in_chans, chs, 3, padding=1, bias=False))])
         block_ends, block_chs = [], []
         for i, num_layers in enumerate(block_config):
-            modules[f'denseblock{i + 1}'] = DenseBlock(num_layers, chs, growth_rate, bn_size, drop_rate, memory_efficient)
+            modules[f'denseblock{i + 1}'] = DenseBlock(
+                num_layers, chs, growth_rate, bn_size, drop_rate, memory_efficient)
             chs += num_layers * growth_rate
             block_ends.append(len(modules))
             block_chs.append(chs)
@@ -416,7 +419,8 @@ _CIFAR_ARGS = dict(stem='cifar', bn_size=4, compression=0.5)
 @register_model
 def densenet_bc_121(pretrained: bool = False, **kwargs) -> DenseNet:
     """DenseNet-121 (6, 12, 24, 16), k=32: torchvision ``densenet121``, 7.98M params."""
-    return _create_densenet('densenet_bc_121', pretrained, **dict(block_config=(6, 12, 24, 16), growth_rate=32), **kwargs)
+    return _create_densenet(
+        'densenet_bc_121', pretrained, **dict(block_config=(6, 12, 24, 16), growth_rate=32), **kwargs)
 
 
 @register_model
@@ -429,19 +433,22 @@ def densenet_bc_161(pretrained: bool = False, **kwargs) -> DenseNet:
 @register_model
 def densenet_bc_169(pretrained: bool = False, **kwargs) -> DenseNet:
     """DenseNet-169 (6, 12, 32, 32), k=32: torchvision ``densenet169``, 14.15M params."""
-    return _create_densenet('densenet_bc_169', pretrained, **dict(block_config=(6, 12, 32, 32), growth_rate=32), **kwargs)
+    return _create_densenet(
+        'densenet_bc_169', pretrained, **dict(block_config=(6, 12, 32, 32), growth_rate=32), **kwargs)
 
 
 @register_model
 def densenet_bc_201(pretrained: bool = False, **kwargs) -> DenseNet:
     """DenseNet-201 (6, 12, 48, 32), k=32: torchvision ``densenet201``, 20.01M params."""
-    return _create_densenet('densenet_bc_201', pretrained, **dict(block_config=(6, 12, 48, 32), growth_rate=32), **kwargs)
+    return _create_densenet(
+        'densenet_bc_201', pretrained, **dict(block_config=(6, 12, 48, 32), growth_rate=32), **kwargs)
 
 
 @register_model
 def densenet_bc_264(pretrained: bool = False, **kwargs) -> DenseNet:
     """DenseNet-264 (6, 12, 64, 48), k=32, the deepest network of the memory-efficient report; no weights."""
-    return _create_densenet('densenet_bc_264', pretrained, **dict(block_config=(6, 12, 64, 48), growth_rate=32), **kwargs)
+    return _create_densenet(
+        'densenet_bc_264', pretrained, **dict(block_config=(6, 12, 64, 48), growth_rate=32), **kwargs)
 
 
 @register_model
