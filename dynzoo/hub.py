@@ -93,12 +93,14 @@ def load_checkpoint_file(path) -> Any:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+        if 'Unsupported global' in str(e):
             raise CheckpointFileError(
                 f'{path} is a pickle that carries Python objects other than tensors, dicts and numbers (it would run '
                 'code when loaded), so dynzoo refuses it. Load it yourself only if you trust its origin, and save '
                 'the plain state dict, e.g. torch.save(model.state_dict(), ...).') from e
-        raise CheckpointFileError(f'{path} is not a readable PyTorch checkpoint ({e}); it is probably corrupt.') from e
+        detail = next((line for line in str(e).splitlines() if 'Unsupported' in line), str(e).splitlines()[0])
+        raise CheckpointFileError(f'{path} is not a readable PyTorch checkpoint (unpickling failed: {detail.strip()}); '
+                                  'it is probably truncated or corrupt: download or save it again.') from e
     except (EOFError, RuntimeError, zipfile.BadZipFile) as e:
         raise CheckpointFileError(
             f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); it is probably truncated or '
@@ -285,12 +287,16 @@ def resolve_pretrained_source(model_name: str, pretrained_cfg_overlay: Optional[
                               ) -> Tuple[str, Optional[Dict[str, Any]]]:
     """The ``(model_name, pretrained_cfg_overlay)`` for ``timm.create_model`` that loads from a mirror folder.
 
-    Unchanged when the caller gave a ``file`` or no mirror has the weights (timm then uses the Hub and its cache).
-    Mirrored weights are read with :func:`load_checkpoint_file` and passed as the overlay's ``state_dict``.
+    A ``file`` given by the caller and mirrored weights are read with :func:`load_checkpoint_file` (safe loading,
+    clear errors for corrupt files) and passed as the overlay's ``state_dict``. Unchanged when no mirror has the
+    weights: timm then uses the Hub and its cache.
     """
     overlay = dict(pretrained_cfg_overlay or {})
-    if overlay.get('file') or overlay.get('state_dict') is not None:
+    if overlay.get('state_dict') is not None:
         return model_name, pretrained_cfg_overlay
+    if overlay.get('file'):
+        overlay['state_dict'] = load_checkpoint_file(overlay['file'])
+        return model_name, overlay
     folder = mirror_folder(model_name)
     if folder is None:
         return model_name, pretrained_cfg_overlay

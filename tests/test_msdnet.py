@@ -212,3 +212,11 @@ def test_configurable_class_prune_min():
                    prune='min', stem='cifar', num_classes=10).eval()
     with torch.no_grad():
         assert [o.shape for o in model(torch.zeros(2, 3, 32, 32))] == [(2, 10)] * 3
+
+
+@pytest.mark.parametrize('content', [b'', b'PK\x03\x04 not really a zip', b'\x80\x02garbage'])
+def test_corrupt_checkpoint_file_is_named(tmp_path, content):
+    path = tmp_path / 'msdnet.pth.tar'
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match='msdnet.pth.tar.*(corrupt|truncated)'):
+        dynzoo.create_model('msdnet_cifar_b7', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
