@@ -93,12 +93,12 @@ def load_checkpoint_file(path) -> Any:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'Unsupported global' in str(e):
+        if 'global' in str(e).lower():  # a GLOBAL opcode: the pickle references code
             raise CheckpointFileError(
                 f'{path} is a pickle that carries Python objects other than tensors, dicts and numbers (it would run '
                 'code when loaded), so dynzoo refuses it. Load it yourself only if you trust its origin, and save '
                 'the plain state dict, e.g. torch.save(model.state_dict(), ...).') from e
-        detail = next((line for line in str(e).splitlines() if 'Unsupported' in line), str(e).splitlines()[0])
+        detail = next((line for line in str(e).splitlines() if 'Unsupported' in line), 'not a weights-only pickle')
         raise CheckpointFileError(f'{path} is not a readable PyTorch checkpoint (unpickling failed: {detail.strip()}); '
                                   'it is probably truncated or corrupt: download or save it again.') from e
     except (EOFError, RuntimeError, zipfile.BadZipFile) as e:

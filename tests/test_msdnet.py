@@ -220,3 +220,13 @@ def test_corrupt_checkpoint_file_is_named(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(ValueError, match='msdnet.pth.tar.*(corrupt|truncated)'):
         dynzoo.create_model('msdnet_cifar_b7', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_pretrained_with_other_num_classes_keeps_backbone(tmp_path):
+    source = dynzoo.create_model('msdnet_cifar_b7')
+    _authors_file(source, tmp_path / 'c100.pth')
+    model = dynzoo.create_model('msdnet_cifar_b7', pretrained=True, num_classes=10,
+                                pretrained_cfg_overlay=dict(file=str(tmp_path / 'c100.pth')))
+    assert all(head.linear.out_features == 10 for head in model.get_classifier())
+    torch.testing.assert_close(model.blocks[3][0].layers[0].conv_normal.net[0].weight,
+                               source.blocks[3][0].layers[0].conv_normal.net[0].weight)

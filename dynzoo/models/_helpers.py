@@ -1,5 +1,5 @@
 """Checkpoint handling shared by every family's ``checkpoint_filter_fn``."""
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Set
 
 import torch
 from torch import nn
@@ -26,13 +26,27 @@ def _short_list(keys, limit: int = 8) -> str:
     return ', '.join(keys[:limit]) + more
 
 
+def replaced_classifier_keys(model: nn.Module) -> Set[str]:
+    """Classifier keys that timm drops on load because the model is built for another ``num_classes`` than its
+    pretrained config (fine-tuning); empty when the class counts agree."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    if cfg.get('num_classes') is None or getattr(model, 'num_classes', None) == cfg['num_classes']:
+        return set()
+    classifiers = cfg.get('classifier') or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
+    return {f'{name}.{p}' for name in classifiers for p in ('weight', 'bias')}
+
+
 def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Return ``state_dict`` if it fits ``model`` key for key and shape for shape; raise a clear error if not.
 
     BatchNorm ``num_batches_tracked`` counters that old (PyTorch < 0.4) checkpoints lack are filled from the model.
+    Classifier weights are left out when the model is built for a different ``num_classes`` (timm then loads the
+    rest and keeps the new heads freshly initialised).
     """
-    expected = model.state_dict()
-    state_dict = dict(state_dict)
+    skip = replaced_classifier_keys(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in skip}
+    state_dict = {k: v for k, v in state_dict.items() if k not in skip}
     for key, value in expected.items():
         if key.endswith('num_batches_tracked') and key not in state_dict:
             state_dict[key] = value.clone()

@@ -389,8 +389,11 @@ def _cfg(url: str = '', **kwargs):
     }
 
 
-def _tv_cfg(url: str):
-    return _cfg(url=url, license='bsd-3-clause', origin_url='https://github.com/pytorch/vision')
+def _tv_cfg(architecture: str, torchvision_file: str):
+    """torchvision's released weights, converted to safetensors under the dynzoo Hub organisation; ``url`` is
+    torchvision's original file (``pretrained_cfg_overlay=dict(hf_hub_id=None)`` downloads that instead)."""
+    return _cfg(url=f'https://download.pytorch.org/models/{torchvision_file}', hf_hub_id=f'dynzoo/{architecture}.tv_in1k', license='bsd-3-clause',
+                origin_url='https://github.com/pytorch/vision')
 
 
 def _cifar_cfg(**kwargs):
@@ -400,10 +403,10 @@ def _cifar_cfg(**kwargs):
 
 
 default_cfgs = generate_default_cfgs({
-    'densenet_bc_121.tv_in1k': _tv_cfg('https://download.pytorch.org/models/densenet121-a639ec97.pth'),
-    'densenet_bc_161.tv_in1k': _tv_cfg('https://download.pytorch.org/models/densenet161-8d451a50.pth'),
-    'densenet_bc_169.tv_in1k': _tv_cfg('https://download.pytorch.org/models/densenet169-b2777c0a.pth'),
-    'densenet_bc_201.tv_in1k': _tv_cfg('https://download.pytorch.org/models/densenet201-c1103571.pth'),
+    'densenet_bc_121.tv_in1k': _tv_cfg('densenet_bc_121', 'densenet121-a639ec97.pth'),
+    'densenet_bc_161.tv_in1k': _tv_cfg('densenet_bc_161', 'densenet161-8d451a50.pth'),
+    'densenet_bc_169.tv_in1k': _tv_cfg('densenet_bc_169', 'densenet169-b2777c0a.pth'),
+    'densenet_bc_201.tv_in1k': _tv_cfg('densenet_bc_201', 'densenet201-c1103571.pth'),
     'densenet_bc_264': _cfg(),
     'densenet_bc_100_k12': _cifar_cfg(),
     'densenet_bc_250_k24': _cifar_cfg(),
