@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .data import CIFAR_NUM_CLASSES, cifar_dataset, holdout_indices
 from .factory import create_model
-from .flops import per_exit_flops, per_exit_params
+from .flops import per_exit_flops, per_exit_params, per_exit_table
 from .inference import early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions
 
 __all__ = ['ResultTable', 'collect_logits', 'evaluate_anytime', 'eval_transform', 'add_bench_args', 'run_bench',
@@ -45,6 +45,8 @@ class ResultTable:
     def _format(value) -> str:
         if isinstance(value, (list, tuple)):
             return ' '.join(ResultTable._format(v) for v in value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f'{value:,}'
         if isinstance(value, float):
             if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
                 return f'{value:.4g}'
@@ -215,39 +217,38 @@ def _save(table: ResultTable, out: Optional[str], stem: str) -> None:
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``dynzoo bench MODEL [MODEL ...]``: per-exit FLOPs (all scopes), parameters and accuracy."""
+    """``dynzoo bench MODEL [MODEL ...]``: per-exit parameters, FLOPs (all scopes) and, with weights, accuracy."""
     parser.add_argument('models', nargs='+', help='dynzoo model names (see dynzoo.list_models())')
-    parser.add_argument('--no-accuracy', action='store_true', help='FLOPs and parameters only, no data')
+    parser.add_argument('--no-accuracy', action='store_true', help='FLOPs and parameters only, even with weights')
     _add_common_args(parser)
     return parser
 
 
 def run_bench(args) -> List[ResultTable]:
+    """Per model, one row per exit: cumulative parameters, multiply-adds (cascade, standalone, lazy and the authors'
+    count where one exists) and, when weights are loaded (``--pretrained`` / ``--checkpoint``), top-1/top-5 on the
+    chosen data. Random weights get no accuracy column: it would only measure chance."""
     if args.threads:
         torch.set_num_threads(args.threads)
     tables = []
     for name in args.models:
-        model = _build_model(args, name)
-        lazy = per_exit_flops(model, scope='lazy')
-        authors = per_exit_flops(model, convention='authors') if getattr(model, 'flops_convention', None) else None
-        if args.no_accuracy:
-            cascade, standalone = per_exit_flops(model, scope='cascade'), per_exit_flops(model, scope='standalone')
-            params = per_exit_params(model)
-            rows = [dict(exit=k + 1, flops_cascade=cascade[k], flops_standalone=standalone[k], params=params[k])
-                    for k in range(model.num_exits)]
-            table = ResultTable(f'bench: {name}', rows, x='flops_cascade', y='params', meta=dict(model=name))
-        else:
-            loader = _loader(_limited(_dataset(args, 'test', eval_transform(model)), args.limit), args)
-            table = evaluate_anytime(model, loader, progress=True)
-            table.title = f'bench: {name} on {table.meta["num_samples"]} {args.data} images'
-        for k, row in enumerate(table.rows):
-            row['flops_lazy'] = lazy[k]
-            if authors is not None:
-                row['flops_authors'] = authors[k]
+        has_weights = bool(args.pretrained or args.checkpoint)
+        kwargs = dict(pretrained_cfg_overlay=dict(file=os.fspath(args.checkpoint))) if args.checkpoint else {}
+        model = create_model(name, pretrained=has_weights, num_classes=args.num_classes, **kwargs).eval()
+        size = 'x'.join(map(str, model.pretrained_cfg['input_size']))
+        title = f'bench: {name} ({model.num_classes} classes, input {size}, {model.num_exits} exits)'
+        rows = per_exit_table(model)
+        y = 'params'
+        if has_weights and not args.no_accuracy:
+            accuracy = evaluate_anytime(model, _loader(_limited(_dataset(args, 'test', eval_transform(model)),
+                                                                args.limit), args), progress=True)
+            for row, measured in zip(rows, accuracy.rows):
+                row.update(top1=measured['top1'], top5=measured['top5'])
+            title += f', accuracy on {accuracy.meta["num_samples"]} {args.data} images'
+            y = 'top1'
+        table = ResultTable(title, rows, x='flops_cascade', y=y, meta=dict(model=name))
         print(table, end='\n\n')
-        if args.out and args.no_accuracy:
-            table.to_json(Path(args.out) / f'bench_{name}.json')
-        elif args.out:
+        if args.out:
             _save(table, args.out, f'bench_{name}')
         tables.append(table)
     return tables

@@ -13,7 +13,7 @@ from torch import nn
 
 from .models._exits import MultiExitNetwork, flatten_tensors
 
-__all__ = ['per_exit_flops', 'per_exit_params', 'per_exit_table', 'format_per_exit_table', 'count_macs', 'SCOPES']
+__all__ = ['per_exit_flops', 'per_exit_params', 'per_exit_table', 'count_macs', 'SCOPES']
 
 SCOPES = ('cascade', 'standalone', 'lazy')
 CONV_LINEAR_OPS = ('conv', 'linear', 'addmm', 'matmul', 'bmm', 'einsum')
@@ -176,26 +176,18 @@ AUTHORS_COUNTERS: Dict[str, Callable[[nn.Module, torch.Tensor], List[int]]] = {
 }
 
 
-def per_exit_table(model: MultiExitNetwork, input_size: Optional[Sequence[int]] = None) -> List[Dict[str, float]]:
-    """One row per exit: cumulative params and MFLOPs for every scope, plus the authors' MFLOPs where they had a
-    counter (``None`` otherwise)."""
+
+def per_exit_table(model: MultiExitNetwork, input_size: Optional[Sequence[int]] = None) -> List[Dict[str, int]]:
+    """One row per exit: cumulative ``params`` and multiply-adds for every scope (``flops_cascade``,
+    ``flops_standalone``, ``flops_lazy``), plus ``flops_authors`` where the authors had their own counter."""
     params = per_exit_params(model, input_size)
     by_scope = {scope: per_exit_flops(model, input_size, scope=scope) for scope in SCOPES}
     authors = (per_exit_flops(model, input_size, convention='authors')
-               if getattr(model, 'flops_convention', None) in AUTHORS_COUNTERS else [None] * model.num_exits)
-    return [
-        {'exit': k + 1, 'params': params[k],
-         **{f'mflops_{scope}': by_scope[scope][k] / 1e6 for scope in SCOPES},
-         'mflops_authors': None if authors[k] is None else authors[k] / 1e6}
-        for k in range(model.num_exits)]
-
-
-def format_per_exit_table(rows: List[Dict[str, float]]) -> str:
-    """The rows of ``per_exit_table`` as an aligned text table."""
-    header = ['exit', 'params (M)', 'MFLOPs cascade', 'MFLOPs standalone', 'MFLOPs lazy', 'MFLOPs authors']
-    lines = [[str(r['exit']), f"{r['params'] / 1e6:.3f}", f"{r['mflops_cascade']:.2f}",
-              f"{r['mflops_standalone']:.2f}", f"{r['mflops_lazy']:.2f}",
-              '-' if r['mflops_authors'] is None else f"{r['mflops_authors']:.2f}"] for r in rows]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = '  '.join(f'{{:>{w}}}' for w in widths)
-    return '\n'.join([fmt.format(*header)] + [fmt.format(*line) for line in lines])
+               if getattr(model, 'flops_convention', None) in AUTHORS_COUNTERS else None)
+    rows = []
+    for k in range(model.num_exits):
+        row = {'exit': k + 1, 'params': params[k], **{f'flops_{scope}': by_scope[scope][k] for scope in SCOPES}}
+        if authors is not None:
+            row['flops_authors'] = authors[k]
+        rows.append(row)
+    return rows
