@@ -55,3 +55,9 @@ def test_torch_hub_local():
     assert isinstance(model, dynzoo.models.MSDNet) and model.num_exits == 5
     hubconf = importlib.import_module('hubconf')
     assert set(MSDNET_NAMES) <= {n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith('_')}
+
+
+def test_bare_name_keeps_architecture_config_tag_selects_weights():
+    assert dynzoo.create_model('msdnet_cifar_b7').num_classes == 100
+    assert dynzoo.create_model('msdnet_cifar_b7.c10').num_classes == 10
+    assert 'msdnet_cifar_b7' not in dynzoo.list_models(pretrained=True)

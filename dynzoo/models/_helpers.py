@@ -85,3 +85,17 @@ def make_checkpoint_filter(convert: Optional[Callable[[Dict[str, torch.Tensor], 
 
 
 checkpoint_filter = make_checkpoint_filter()
+
+
+def untagged_default(default_cfgs: Dict) -> Dict:
+    """Make the untagged config the default of each architecture that has one.
+
+    timm makes the first tag with weights the default, so ``msdnet_cifar_b7`` would become its CIFAR-10 weights'
+    10-class config; in dynzoo the bare name keeps the architecture's own config (100 classes for the CIFAR models)
+    and trained weights are asked for by tag (``msdnet_cifar_b7.c10``).
+    """
+    for default_cfg in default_cfgs.values():
+        if '' in default_cfg.tags:
+            default_cfg.tags.remove('')
+            default_cfg.tags.appendleft('')
+    return default_cfgs

@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._exits import MultiExitNetwork
-from ._helpers import checkpoint_filter
+from ._helpers import checkpoint_filter, untagged_default
 
 __all__ = ['MSDNet']
 
@@ -341,15 +341,16 @@ def _cifar_cfg(num_exits: int, **kwargs):
     return _cfg(num_exits, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = untagged_default(generate_default_cfgs({
     'msdnet_step4.in1k': _cfg(5, hf_hub_id='dynzoo/msdnet_step4.in1k'),
     'msdnet_step6': _cfg(5),
     'msdnet_step7.in1k': _cfg(5, hf_hub_id='dynzoo/msdnet_step7.in1k'),
     'msdnet_cifar_b7': _cifar_cfg(7),
+    'msdnet_cifar_b7.c10': _cifar_cfg(7, num_classes=10, hf_hub_id='dynzoo/msdnet_cifar_b7.c10'),
     'msdnet_cifar_b10': _cifar_cfg(10),
     'msdnet_cifar_lin5': _cifar_cfg(5),
     'msdnet_cifar_lin7': _cifar_cfg(7),
-})
+}))
 
 _IMAGENET_ARGS = dict(n_blocks=5, step_mode='even', channels=32, growth_rate=16, gr_factor='1-2-4-4',
                       bn_factor='1-2-4-4', stem='imagenet')
