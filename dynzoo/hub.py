@@ -290,12 +290,17 @@ def resolve_pretrained_source(model_name: str, pretrained_cfg_overlay: Optional[
     A ``file`` given by the caller and mirrored weights are read with :func:`load_checkpoint_file` (safe loading,
     clear errors for corrupt files) and passed as the overlay's ``state_dict``. Unchanged when no mirror has the
     weights: timm then uses the Hub and its cache.
+
+    The overlay's ``num_classes`` is set to the checkpoint's own class count (unless the caller set it): timm keeps
+    the classifier when the model has as many classes and drops it (fine-tuning) only when it has another number,
+    instead of comparing with the registered config's count, which says nothing about a user's file.
     """
     overlay = dict(pretrained_cfg_overlay or {})
     if overlay.get('state_dict') is not None:
         return model_name, pretrained_cfg_overlay
     if overlay.get('file'):
         overlay['state_dict'] = load_checkpoint_file(overlay['file'])
+        _set_checkpoint_classes(overlay, model_name)
         return model_name, overlay
     folder = mirror_folder(model_name)
     if folder is None:
@@ -321,6 +326,17 @@ def _load_family(family: str):
     filter_fn = getattr(module, 'checkpoint_filter_fn', None) or checkpoint_filter
     names = [n for n in list_models(f'{prefix}*') if model_entrypoint(n).__module__ == module.__name__]
     return filter_fn, names
+
+
+def _set_checkpoint_classes(overlay: Dict[str, Any], model_name: str) -> None:
+    if 'num_classes' in overlay or model_name.startswith(('hf-hub:', 'local-dir:')):
+        return
+    try:
+        classes = _classifier_classes(unwrap_state_dict(overlay['state_dict']), model_name)
+    except CheckpointMismatchError:  # not a state dict: the checkpoint filter reports it
+        return
+    if classes is not None:
+        overlay['num_classes'] = classes
 
 
 def _classifier_classes(state_dict: Dict[str, torch.Tensor], architecture: str) -> Optional[int]:

@@ -230,3 +230,11 @@ def test_pretrained_with_other_num_classes_keeps_backbone(tmp_path):
     assert all(head.linear.out_features == 10 for head in model.get_classifier())
     torch.testing.assert_close(model.blocks[3][0].layers[0].conv_normal.net[0].weight,
                                source.blocks[3][0].layers[0].conv_normal.net[0].weight)
+
+
+def test_own_file_with_other_class_count_than_config_keeps_its_classifier(tmp_path):
+    source = dynzoo.create_model('msdnet_cifar_b7', num_classes=10)  # registered config says 100 classes
+    _authors_file(source, tmp_path / 'c10.pth')
+    model = dynzoo.create_model('msdnet_cifar_b7', pretrained=True, num_classes=10,
+                                pretrained_cfg_overlay=dict(file=str(tmp_path / 'c10.pth')))
+    torch.testing.assert_close(model.classifier[6].linear.weight, source.classifier[6].linear.weight)

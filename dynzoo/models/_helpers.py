@@ -41,11 +41,13 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     """Return ``state_dict`` if it fits ``model`` key for key and shape for shape; raise a clear error if not.
 
     BatchNorm ``num_batches_tracked`` counters that old (PyTorch < 0.4) checkpoints lack are filled from the model.
-    Classifier weights are left out when the model is built for a different ``num_classes`` (timm then loads the
-    rest and keeps the new heads freshly initialised).
+    Classifier weights of another class count are left out when the model is built for a different ``num_classes``
+    than its pretrained config (timm then loads the rest and keeps the new heads freshly initialised).
     """
-    skip = replaced_classifier_keys(model)
-    expected = {k: v for k, v in model.state_dict().items() if k not in skip}
+    expected = model.state_dict()
+    skip = {k for k in replaced_classifier_keys(model)
+            if k in state_dict and k in expected and state_dict[k].shape != expected[k].shape}
+    expected = {k: v for k, v in expected.items() if k not in skip}
     state_dict = {k: v for k, v in state_dict.items() if k not in skip}
     for key, value in expected.items():
         if key.endswith('num_batches_tracked') and key not in state_dict:
