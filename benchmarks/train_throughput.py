@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f'{args.model}, batch {args.batch_size}, {args.threads} thread(s), torch {torch.__version__}')
     baseline = None
-    print(f'| setting | images/s | vs fp32 |\n|---|---:|---:|')
+    print('| setting | images/s | vs fp32 |\n|---|---:|---:|')
     for label, amp, channels_last in SETTINGS:
         rate = measure(args.model, amp, channels_last, args.batch_size, args.steps, args.warmup, args.repeats)
         baseline = baseline or rate

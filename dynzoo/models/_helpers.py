@@ -1,4 +1,5 @@
-"""Checkpoint handling shared by every family's ``checkpoint_filter_fn``."""
+"""Helpers shared by the model families: checkpoint checking and filtering, default-config ordering, init."""
+import math
 from typing import Callable, Dict, Optional, Set
 
 import torch
@@ -101,3 +102,17 @@ def untagged_default(default_cfgs: Dict) -> Dict:
             default_cfg.tags.remove('')
             default_cfg.tags.appendleft('')
     return default_cfgs
+
+
+def init_he_fan_out(model: nn.Module) -> None:
+    """He-normal convs with fan-out (``N(0, sqrt(2 / (k * k * out_channels)))``), BN weight 1 / bias 0, zero Linear
+    bias (Linear weights keep PyTorch's init): the initialisation of MSDNet's and SDPoint's authors."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._exits import MultiExitNetwork
-from ._helpers import checkpoint_filter, untagged_default
+from ._helpers import checkpoint_filter, init_he_fan_out, untagged_default
 
 __all__ = ['MSDNet']
 
@@ -30,7 +30,7 @@ CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
-class ConvBasic(nn.Module):
+class ConvBnAct(nn.Module):
     """Conv (no bias) - BN - ReLU, held in ``net`` as in the authors' key layout."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, padding: int = 1):
@@ -45,7 +45,7 @@ class ConvBasic(nn.Module):
         return self.net(x)
 
 
-class ConvBN(nn.Module):
+class BottleneckConv(nn.Module):
     """Optional 1x1 bottleneck (width ``min(in_chs, bn_width * out_chs)``) then a 3x3 conv, stride 1 or 2."""
 
     def __init__(self, in_chs: int, out_chs: int, downsample: bool, bottleneck: bool, bn_width: int):
@@ -66,32 +66,32 @@ class ConvBN(nn.Module):
         return self.net(x)
 
 
-class ConvNormal(nn.Module):
+class SameScaleDenseLayer(nn.Module):
     """Dense layer at one scale: ``[x, conv(x)]``."""
 
     def __init__(self, in_chs: int, growth: int, bottleneck: bool, bn_width: int):
         super().__init__()
-        self.conv_normal = ConvBN(in_chs, growth, False, bottleneck, bn_width)
+        self.conv_normal = BottleneckConv(in_chs, growth, False, bottleneck, bn_width)
 
     def forward(self, same_scale: torch.Tensor) -> torch.Tensor:
         return torch.cat([same_scale, self.conv_normal(same_scale)], dim=1)
 
 
-class ConvDownNormal(nn.Module):
+class TwoScaleDenseLayer(nn.Module):
     """Dense layer fed by two scales: ``[x_s, strided_conv(x_{s-1}), conv(x_s)]``, half the growth from each conv."""
 
     def __init__(self, finer_chs: int, same_chs: int, growth: int, bottleneck: bool, finer_bn_width: int,
                  same_bn_width: int):
         super().__init__()
-        self.conv_down = ConvBN(finer_chs, growth // 2, True, bottleneck, finer_bn_width)
-        self.conv_normal = ConvBN(same_chs, growth // 2, False, bottleneck, same_bn_width)
+        self.conv_down = BottleneckConv(finer_chs, growth // 2, True, bottleneck, finer_bn_width)
+        self.conv_normal = BottleneckConv(same_chs, growth // 2, False, bottleneck, same_bn_width)
 
     def forward(self, finer: torch.Tensor, same_scale: torch.Tensor) -> torch.Tensor:
         return torch.cat([same_scale, self.conv_down(finer), self.conv_normal(same_scale)], dim=1)
 
 
-class MSDNFirstLayer(nn.Module):
-    """The stem: one feature map per scale, each scale a stride-2 ConvBasic of the previous one."""
+class MultiScaleStem(nn.Module):
+    """The stem: one feature map per scale, each scale a stride-2 ConvBnAct of the previous one."""
 
     def __init__(self, in_chans: int, channels: int, gr_factor: Sequence[int], imagenet_stem: bool):
         super().__init__()
@@ -105,9 +105,9 @@ class MSDNFirstLayer(nn.Module):
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
         else:
-            first = ConvBasic(in_chans, widths[0], 3, stride=1, padding=1)
+            first = ConvBnAct(in_chans, widths[0], 3, stride=1, padding=1)
         self.layers = nn.ModuleList(
-            [first] + [ConvBasic(widths[s - 1], widths[s], 3, stride=2, padding=1) for s in range(1, len(widths))])
+            [first] + [ConvBnAct(widths[s - 1], widths[s], 3, stride=2, padding=1) for s in range(1, len(widths))])
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         scales = []
@@ -117,7 +117,7 @@ class MSDNFirstLayer(nn.Module):
         return scales
 
 
-class MSDNLayer(nn.Module):
+class MultiScaleDenseLayer(nn.Module):
     """One MSDNet layer: takes ``in_scales`` feature maps (finest first), returns ``out_scales`` (``in_scales`` or one
     fewer, when the finest scale is dropped). ``in_chs`` is the base width; scale ``s`` has ``in_chs * gr_factor[s]``
     channels and grows by ``growth * gr_factor[s]``."""
@@ -132,9 +132,9 @@ class MSDNLayer(nn.Module):
         for k in range(out_scales):
             s = offset + k
             if k == 0 and self.discard == 0:
-                layers.append(ConvNormal(in_chs * gr_factor[s], growth * gr_factor[s], bottleneck, bn_factor[s]))
+                layers.append(SameScaleDenseLayer(in_chs * gr_factor[s], growth * gr_factor[s], bottleneck, bn_factor[s]))
             else:
-                layers.append(ConvDownNormal(in_chs * gr_factor[s - 1], in_chs * gr_factor[s], growth * gr_factor[s],
+                layers.append(TwoScaleDenseLayer(in_chs * gr_factor[s - 1], in_chs * gr_factor[s], growth * gr_factor[s],
                                              bottleneck, bn_factor[s - 1], bn_factor[s]))
         self.layers = nn.ModuleList(layers)
 
@@ -142,15 +142,15 @@ class MSDNLayer(nn.Module):
         out = []
         for k, layer in enumerate(self.layers):
             same = k + self.discard
-            if isinstance(layer, ConvNormal):
+            if isinstance(layer, SameScaleDenseLayer):
                 out.append(layer(scales[same]))
             else:
                 out.append(layer(scales[same - 1], scales[same]))
         return out
 
 
-class ParallelModule(nn.Module):
-    """Applies ``m[i]`` to the ``i``-th feature map (the authors' transition: 1x1 ConvBasic per kept scale)."""
+class ScaleTransition(nn.Module):
+    """Applies ``m[i]`` to the ``i``-th feature map (the authors' transition: 1x1 ConvBnAct per kept scale)."""
 
     def __init__(self, modules: Sequence[nn.Module]):
         super().__init__()
@@ -160,14 +160,14 @@ class ParallelModule(nn.Module):
         return [m(x) for m, x in zip(self.m, scales)]
 
 
-class ClassifierModule(nn.Module):
-    """Exit head on the coarsest scale: two stride-2 ConvBasic, 2x2 average pool, Linear."""
+class ExitHead(nn.Module):
+    """Exit head on the coarsest scale: two stride-2 ConvBnAct, 2x2 average pool, Linear."""
 
     def __init__(self, in_chs: int, inner_chs: int, num_classes: int):
         super().__init__()
         self.m = nn.Sequential(
-            ConvBasic(in_chs, inner_chs, 3, stride=2, padding=1),
-            ConvBasic(inner_chs, inner_chs, 3, stride=2, padding=1),
+            ConvBnAct(in_chs, inner_chs, 3, stride=2, padding=1),
+            ConvBnAct(inner_chs, inner_chs, 3, stride=2, padding=1),
             nn.AvgPool2d(2),
         )
         self.linear = nn.Linear(inner_chs, num_classes)
@@ -249,7 +249,7 @@ class MSDNet(MultiExitNetwork):
         for n_layers in self.steps:
             block: List[nn.Module] = []
             if layer_index == 0:
-                block.append(MSDNFirstLayer(in_chans, channels, gr_factor, stem == 'imagenet'))
+                block.append(MultiScaleStem(in_chans, channels, gr_factor, stem == 'imagenet'))
             for _ in range(n_layers):
                 layer_index += 1
                 if prune == 'max':
@@ -260,33 +260,22 @@ class MSDNet(MultiExitNetwork):
                     in_scales = min(self.num_scales, n_layers_total - layer_index + 2)
                     out_scales = min(self.num_scales, n_layers_total - layer_index + 1)
                     transition = layer_index in (n_layers_total // 3, 2 * n_layers_total // 3)
-                block.append(MSDNLayer(width, growth_rate, in_scales, out_scales, gr_factor, bn_factor, bottleneck))
+                block.append(MultiScaleDenseLayer(width, growth_rate, in_scales, out_scales, gr_factor, bn_factor, bottleneck))
                 width += growth_rate
                 if transition and reduction > 0:
                     reduced = math.floor(reduction * width)
                     offset = self.num_scales - out_scales
-                    block.append(ParallelModule([
-                        ConvBasic(width * gr_factor[offset + i], reduced * gr_factor[offset + i], 1, 1, 0)
+                    block.append(ScaleTransition([
+                        ConvBnAct(width * gr_factor[offset + i], reduced * gr_factor[offset + i], 1, 1, 0)
                         for i in range(out_scales)]))
                     width = reduced
             blocks.append(nn.Sequential(*block))
             head_chs = width * gr_factor[-1]
-            heads.append(ClassifierModule(head_chs, head_chs if stem == 'imagenet' else 128, num_classes))
+            heads.append(ExitHead(head_chs, head_chs if stem == 'imagenet' else 128, num_classes))
         self.blocks = nn.ModuleList(blocks)
         self.classifier = nn.ModuleList(heads)
         if msdnet_init == 'intended':
-            self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+            init_he_fan_out(self)
 
     def forward_stage(self, k: int, state):
         return self.blocks[k](state)
@@ -360,19 +349,19 @@ _CIFAR_ARGS = dict(channels=16, growth_rate=6, gr_factor='1-2-4', bn_factor='1-2
 @register_model
 def msdnet_step4(pretrained: bool = False, **kwargs) -> MSDNet:
     """ImageNet MSDNet, 5 exits, 4 layers per block (``--step 4 --base 4``), 23.96M params."""
-    return _create_msdnet('msdnet_step4', pretrained, **dict(_IMAGENET_ARGS, base=4, step=4), **kwargs)
+    return _create_msdnet('msdnet_step4', pretrained, **{**_IMAGENET_ARGS, 'base': 4, 'step': 4, **kwargs})
 
 
 @register_model
 def msdnet_step6(pretrained: bool = False, **kwargs) -> MSDNet:
     """ImageNet MSDNet, 5 exits, 6 layers per block (``--step 6 --base 6``), 56.53M params."""
-    return _create_msdnet('msdnet_step6', pretrained, **dict(_IMAGENET_ARGS, base=6, step=6), **kwargs)
+    return _create_msdnet('msdnet_step6', pretrained, **{**_IMAGENET_ARGS, 'base': 6, 'step': 6, **kwargs})
 
 
 @register_model
 def msdnet_step7(pretrained: bool = False, **kwargs) -> MSDNet:
     """ImageNet MSDNet, 5 exits, 7 layers per block (``--step 7 --base 7``), 62.31M params."""
-    return _create_msdnet('msdnet_step7', pretrained, **dict(_IMAGENET_ARGS, base=7, step=7), **kwargs)
+    return _create_msdnet('msdnet_step7', pretrained, **{**_IMAGENET_ARGS, 'base': 7, 'step': 7, **kwargs})
 
 
 def _cifar_kwargs(kwargs, **flags):

@@ -41,7 +41,7 @@ Where dynzoo differs from the authors' code:
 import math
 import numbers
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Type
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._helpers import check_state_dict, unwrap_state_dict
+from ._helpers import check_state_dict, init_he_fan_out, unwrap_state_dict
 
 __all__ = ['SDPointResNet', 'Instance', 'RATIOS', 'sdpoint_checkpoint_filter']
 
@@ -100,15 +100,16 @@ class BasicBlock(nn.Module):
     """Two 3x3 convs, each followed by BN; the SDPoint pooling sits between the residual add and the last ReLU."""
     expansion = 1
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64,
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError('BasicBlock supports only groups=1 and base_width=64 (use the bottleneck for ResNeXt)')
         self.conv1 = nn.Conv2d(in_chs, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(planes)
         self.downsample = _shortcut(in_chs, planes, stride)
 
     def forward(self, x: torch.Tensor, ratio: Optional[float] = None) -> torch.Tensor:
@@ -125,16 +126,17 @@ class Bottleneck(nn.Module):
     """
     expansion = 4
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64,
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         width = math.floor(planes * base_width / 64) * groups
         out_chs = planes * self.expansion
         self.conv1 = nn.Conv2d(in_chs, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = norm_layer(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = norm_layer(width)
         self.conv3 = nn.Conv2d(width, out_chs, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.bn3 = norm_layer(out_chs)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_chs, out_chs, stride)
 
@@ -154,15 +156,16 @@ class PreActBasicBlock(nn.Module):
     """
     expansion = 1
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64,
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError('PreActBasicBlock supports only groups=1 and base_width=64')
         self.conv1 = nn.Conv2d(in_chs, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(in_chs)
+        self.bn1 = norm_layer(in_chs)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(planes)
         self.downsample = _shortcut(in_chs, planes, stride)
 
     def forward(self, x: torch.Tensor, ratio: Optional[float] = None) -> torch.Tensor:
@@ -178,16 +181,17 @@ class PreActBottleneck(nn.Module):
     the first pre-activation; pooling right after the residual add (there is no ReLU there)."""
     expansion = 4
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64,
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         width = math.floor(planes * base_width / 64) * groups
         out_chs = planes * self.expansion
         self.conv1 = nn.Conv2d(in_chs, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(in_chs)
+        self.bn1 = norm_layer(in_chs)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = norm_layer(width)
         self.conv3 = nn.Conv2d(width, out_chs, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
+        self.bn3 = norm_layer(width)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_chs, out_chs, stride)
 
@@ -310,19 +314,7 @@ class SDPointResNet(nn.Module):
         self.num_blocks = sum(layers)
         self.stem_point = self.num_blocks
         self.instance_bn_stats = InstanceBNStats(sum(bn.num_features for bn in self.bn_layers()))
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """The authors' init: He-normal convs (fan-out), BN weight 1 / bias 0, zero Linear bias."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_he_fan_out(self)  # the authors' init
 
     # ----------------------------------------------------------------------------------------------- instances
     def block_names(self) -> List[str]:
