@@ -7,6 +7,12 @@ is kept (robust to other load on the machine). The "stage-time model" column pre
 measured time of each stage in the full forward (samples that ran stage k x its per-sample time): the gap between
 FLOPs and time that comes from stages differing in time per FLOP, not from early exit itself.
 
+Each ``--variants`` entry times its own copy of the model, the same one for early exit and full forward: ``plain``;
+``fused`` (``dynzoo.models.fuse_conv_bn``: BatchNorm folded into the convs, inference only);
+``fused_channels_last`` (fused, model and batch in channels-last memory format; ``select_batch`` returns the kept
+samples in the default layout, so every stage after an exit first converts them back). Thresholds and FLOPs come
+from the plain model for every variant.
+
     python benchmarks/early_exit.py --data npz --data-path ../shared/data/cifar10_jpeg.npz --batch-size 256
 
 Weights are random unless ``--checkpoint``/``--pretrained`` is given: the timings hold, the accuracy does not.
@@ -23,8 +29,10 @@ import dynzoo
 from dynzoo.data import cifar_dataset, holdout_indices
 from dynzoo.evaluate import collect_logits, eval_transform
 from dynzoo.inference import early_exit, fit_thresholds, geometric_fractions, simulate_early_exit
+from dynzoo.models import fuse_conv_bn
 
 DEFAULT_NPZ = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10_jpeg.npz'
+VARIANTS = ('plain', 'fused', 'fused_channels_last')
 
 
 def parse_args():
@@ -42,6 +50,8 @@ def parse_args():
     parser.add_argument('--target-ratio', type=float, default=0.5,
                         help='also time the q whose held-out FLOPs are closest to this share of the full model')
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=['plain', 'fused'],
+                        help='model variants to time (each against its own full forward)')
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--seed', type=int, default=0)
     return parser.parse_args()
@@ -100,15 +110,53 @@ def main():
     target_q = float(grid[np.argmin([abs(heldout_ratio(q) - args.target_ratio) for q in grid])])
     points = sorted(set(args.q) | {target_q})
 
+    print(f'{args.model}, {source} CIFAR-10, batch {len(labels)}, {args.threads} CPU thread(s), '
+          f'best of {args.repeats}; thresholds fitted on {len(heldout)} held-out images; '
+          f'full model {full_flops / 1e6:.2f} MFLOPs (fvcore cascade, all exits)')
+    rows = []
+    for variant in args.variants:
+        variant_model, variant_x = prepare_variant(model, x, variant)
+        per_stage, variant_rows = time_variant(variant_model, variant_x, labels, val_logits, points, flops,
+                                               args.repeats)
+        share = ' '.join(f'{t / per_stage.sum():.2f}' for t in per_stage)
+        print(f'{variant}: time share of stage+head k in the full forward: {share}')
+        rows += [(variant, *row) for row in variant_rows]
+    flops_share = ' '.join(f'{f / full_flops:.2f}' for f in np.diff(flops, prepend=0))
+    print(f'FLOPs share of stage+head k: {flops_share}')
+    print('| variant | q | FLOPs ratio | time ratio | time / FLOPs | stage-time model | time / model | '
+          'early exit (s) | full (s) | top-1 | exit fractions |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    for variant, q, flops_ratio, time_ratio, overhead, model_ratio, residual, early_s, full_s, accuracy, fractions \
+            in rows:
+        marker = ' (target)' if q == target_q else ''
+        print(f'| {variant} | {q:.2f}{marker} | {flops_ratio:.3f} | {time_ratio:.3f} | {overhead:.3f} | '
+              f'{model_ratio:.3f} | {residual:.3f} | {early_s:.3f} | {full_s:.3f} | {accuracy:.3f} | '
+              f'{" ".join(f"{f:.2f}" for f in fractions)} |')
+
+
+def prepare_variant(model, x, variant):
+    """The model copy and input batch that ``variant`` times."""
+    if variant == 'plain':
+        return model, x
+    fused = fuse_conv_bn(model)
+    if variant == 'fused':
+        return fused, x
+    return fused.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+
+def time_variant(model, x, labels, val_logits, points, flops, repeats):
+    """Per-stage seconds of the full forward, and one row per operating point q: FLOPs ratio, time ratio, their
+    quotient, the stage-time model's ratio, time over model, best early-exit and full seconds, top-1, fractions."""
+    full_flops = flops[-1]
     with torch.no_grad():
         model(x)  # warm-up
-        per_stage = np.min([stage_seconds(model, x) for _ in range(args.repeats)], axis=0)
+        per_stage = np.min([stage_seconds(model, x) for _ in range(repeats)], axis=0)
         rows = []
         for q in points:
             thresholds = fit_thresholds(val_logits, geometric_fractions(q, model.num_exits))
             result = early_exit(model, x, thresholds, flops=flops)
             early_time, full_time = [], []
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 early_time.append(timed(lambda: early_exit(model, x, thresholds, flops=flops)))
                 full_time.append(timed(lambda: model(x)))
             flops_ratio = result.mean_flops / full_flops
@@ -118,21 +166,7 @@ def main():
             rows.append((q, flops_ratio, time_ratio, time_ratio / flops_ratio, model_ratio, time_ratio / model_ratio,
                          min(early_time), min(full_time), result.accuracy(labels),
                          result.exit_fractions(model.num_exits)))
-
-    print(f'{args.model}, {source} CIFAR-10, batch {len(labels)}, {args.threads} CPU thread(s), '
-          f'best of {args.repeats}; thresholds fitted on {len(heldout)} held-out images; '
-          f'full model {full_flops / 1e6:.2f} MFLOPs (fvcore cascade, all exits)')
-    share = ' '.join(f'{t / per_stage.sum():.2f}' for t in per_stage)
-    flops_share = ' '.join(f'{f / full_flops:.2f}' for f in np.diff(flops, prepend=0))
-    print(f'time share of stage+head k in the full forward: {share}; FLOPs share: {flops_share}')
-    print('| q | FLOPs ratio | time ratio | time / FLOPs | stage-time model | time / model | early exit (s) | '
-          'full (s) | top-1 | exit fractions |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
-    for q, flops_ratio, time_ratio, overhead, model_ratio, residual, early_s, full_s, accuracy, fractions in rows:
-        marker = ' (target)' if q == target_q else ''
-        print(f'| {q:.2f}{marker} | {flops_ratio:.3f} | {time_ratio:.3f} | {overhead:.3f} | {model_ratio:.3f} | '
-              f'{residual:.3f} | {early_s:.3f} | {full_s:.3f} | {accuracy:.3f} | '
-              f'{" ".join(f"{f:.2f}" for f in fractions)} |')
+    return per_stage, rows
 
 
 if __name__ == '__main__':

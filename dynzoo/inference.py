@@ -236,7 +236,7 @@ def early_exit(model, x: torch.Tensor, thresholds: Sequence[float], flops: Optio
                 logit_sum = logit_sum[keep]
             if len(inside) == 0 or k == num_exits - 1:
                 break
-            logits = exit_iterator.send(keep)
+            logits = exit_iterator.send(keep if len(keep) < len(passed) else None)  # no copy when all stay
     finally:
         exit_iterator.close()
     if len(inside):

@@ -1,0 +1,95 @@
+"""Inference-only speed-up: fold eval-mode BatchNorm into the convolution that feeds it."""
+import copy
+import inspect
+from typing import Iterator, Tuple
+
+import torch.fx
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+__all__ = ['FoldedBatchNorm', 'fuse_conv_bn']
+
+
+class FoldedBatchNorm(nn.Identity):
+    """Stands where a BatchNorm was folded into the preceding convolution; refuses to run in training mode, where
+    the fused model would silently train without batch statistics."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError('this model had its BatchNorm folded into the convolutions by '
+                               'dynzoo.models.fuse_conv_bn and is for inference only: call .eval(), or train the '
+                               'unfused model')
+        return x
+
+    def extra_repr(self) -> str:
+        return f'{self.num_features}, folded into the preceding conv'
+
+
+def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and norm.track_running_stats
+            and conv.out_channels == norm.num_features)
+
+
+def _sequential_pairs(module: nn.Sequential) -> Iterator[Tuple[str, str]]:
+    names = list(module._modules)
+    yield from zip(names, names[1:])
+
+
+def _traced_pairs(module: nn.Module) -> Iterator[Tuple[str, str]]:
+    """(conv, norm) children of ``module`` whose traced ``forward`` computes ``norm(conv(x))`` with each called once
+    and the conv output used by nothing else; none when ``forward`` takes more than the input or cannot be traced by
+    ``torch.fx``."""
+    children = dict(module.named_children())
+    if not any(isinstance(c, nn.Conv2d) for c in children.values()):
+        return
+    if len(inspect.signature(module.forward).parameters) != 1:
+        return  # a traced optional argument would take one branch of its ``is None`` tests for all calls
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # data-dependent control flow, generators...: leave this module's pairs alone
+        return
+    calls = [n.target for n in graph.nodes if n.op == 'call_module']
+    for node in graph.nodes:
+        source = node.args[0] if node.op == 'call_module' and node.args else None
+        if (isinstance(source, torch.fx.Node) and source.op == 'call_module' and len(source.users) == 1
+                and source.target in children and node.target in children
+                and calls.count(source.target) == 1 and calls.count(node.target) == 1):
+            yield source.target, node.target
+
+
+def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fold every eval-mode ``BatchNorm2d`` that is applied straight to a ``Conv2d``'s output into that convolution
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``: the conv gains a bias, the BatchNorm becomes a ``FoldedBatchNorm``
+    no-op). Outputs stay equal within float rounding; ``forward`` and ``iter_exits`` work as before, with one
+    normalisation pass less per folded pair.
+
+    A pair is folded when it is adjacent in an ``nn.Sequential`` (MSDNet's every conv, the stems, shortcuts and heads
+    of the other families) or when ``torch.fx`` traces the parent's ``forward`` and shows ``norm(conv(x))`` with the
+    conv output used nowhere else (the ``self.bn1(self.conv1(x))`` of residual blocks whose ``forward`` takes the
+    input alone). Modules whose ``forward`` has more arguments (SDPoint's blocks) or cannot be traced (the networks'
+    own ``forward_stage``), and pre-activation BN -> ReLU -> Conv (DenseNet) keep their BatchNorm.
+
+    The fused model is for inference only: its ``state_dict`` keys differ (no BatchNorm entries, conv biases), so
+    save and load checkpoints with the unfused model, and it raises if run in training mode. ``model`` must be in
+    eval mode; it is copied unless ``inplace``. The number of folded pairs is stored as ``model.folded_batch_norms``.
+    """
+    if any(m.training for m in model.modules()):
+        raise ValueError('fuse_conv_bn folds the running statistics of eval-mode BatchNorm: call model.eval() first '
+                         '(a fused model is for inference only)')
+    if not inplace:
+        model = copy.deepcopy(model)
+    folded = 0
+    for module in list(model.modules()):
+        pairs = _sequential_pairs(module) if isinstance(module, nn.Sequential) else _traced_pairs(module)
+        for conv_name, norm_name in list(pairs):
+            conv, norm = module._modules[conv_name], module._modules[norm_name]
+            if _foldable(conv, norm):
+                module._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
+                module._modules[norm_name] = FoldedBatchNorm(norm.num_features).eval()
+                folded += 1
+    model.folded_batch_norms = folded
+    return model
