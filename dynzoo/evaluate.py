@@ -81,10 +81,12 @@ class ResultTable:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(np.asarray(self.column(self.x), dtype=float) / 1e6, 100 * np.asarray(self.column(self.y), dtype=float),
+        is_accuracy = self.y in ('top1', 'top5', 'accuracy')
+        ax.plot(np.asarray(self.column(self.x), dtype=float) / 1e6,
+                np.asarray(self.column(self.y), dtype=float) * (100 if is_accuracy else 1e-6),
                 marker='o', label=label or self.meta.get('model'))
         ax.set_xlabel(f'{self.x} (MFLOPs, multiply-adds)')
-        ax.set_ylabel(f'{self.y} (%)')
+        ax.set_ylabel(f'{self.y} (%)' if is_accuracy else f'{self.y} (M)')
         ax.set_title(self.title, fontsize=9)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[1]:
@@ -107,6 +109,7 @@ def collect_logits(model, loader, progress: bool = False) -> Tuple[List[torch.Te
     per_exit, labels = None, []
     for images, targets in tqdm(loader, desc='logits', disable=not progress, leave=False):
         outputs = model(images.to(device))
+        outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs  # single-exit models
         per_exit = [[] for _ in outputs] if per_exit is None else per_exit
         for store, logits in zip(per_exit, outputs):
             store.append(logits.float().cpu())
@@ -236,7 +239,7 @@ def run_bench(args) -> List[ResultTable]:
         kwargs = dict(pretrained_cfg_overlay=dict(file=os.fspath(args.checkpoint))) if args.checkpoint else {}
         model = create_model(name, pretrained=has_weights, num_classes=args.num_classes, **kwargs).eval()
         size = 'x'.join(map(str, model.pretrained_cfg['input_size']))
-        title = f'bench: {name} ({model.num_classes} classes, input {size}, {model.num_exits} exits)'
+        title = f'bench: {name} ({model.num_classes} classes, input {size}, {getattr(model, "num_exits", 1)} exits)'
         rows = per_exit_table(model)
         y = 'params'
         if has_weights and not args.no_accuracy:

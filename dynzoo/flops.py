@@ -55,13 +55,13 @@ def count_macs(module: nn.Module, inputs, ops: Optional[Sequence[str]] = CONV_LI
 
 
 def _example_input(model: nn.Module, input_size: Optional[Sequence[int]]) -> torch.Tensor:
+    """A batch of one zero image at ``input_size`` (default: the pretrained config's), with the model's channels."""
     if input_size is None:
         cfg = getattr(model, 'pretrained_cfg', None) or {}
         input_size = cfg.get('input_size') or model.default_input_size
-    if len(input_size) == 2:
-        input_size = (model.in_chans, *input_size)
+    in_chans = getattr(model, 'in_chans', input_size[0] if len(input_size) == 3 else 3)
     param = next(model.parameters())
-    return torch.zeros(1, *input_size, dtype=param.dtype, device=param.device)
+    return torch.zeros(1, in_chans, *input_size[-2:], dtype=param.dtype, device=param.device)
 
 
 @contextmanager
@@ -75,14 +75,10 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _require_multi_exit(model) -> None:
-    if not isinstance(model, MultiExitNetwork):
-        raise TypeError(f'{type(model).__name__} is not a dynzoo multi-exit network (it has no exits to count)')
-
-
 def per_exit_flops(model: MultiExitNetwork, input_size: Optional[Sequence[int]] = None, scope: str = 'cascade',
                    convention: str = 'fvcore') -> List[int]:
-    """Multiply-adds per exit, one integer per exit, shallow first.
+    """Multiply-adds per exit, one integer per exit, shallow first (a single-exit model has one exit: the whole
+    network).
 
     scope (fvcore convention):
       * ``'cascade'``: stages 1..k plus heads 1..k, the cost of a sample tried at every earlier exit;
@@ -94,9 +90,9 @@ def per_exit_flops(model: MultiExitNetwork, input_size: Optional[Sequence[int]] 
       * ``'authors'``: the original authors' own counter, reproduced to the unit (MSDNet: ``op_counter.py``,
         cumulative with earlier heads; ``scope`` is ignored).
     """
-    _require_multi_exit(model)
     x = _example_input(model, input_size)
-    model.check_input(x)
+    if isinstance(model, MultiExitNetwork):
+        model.check_input(x)
     if convention == 'authors':
         counter = AUTHORS_COUNTERS.get(getattr(model, 'flops_convention', None))
         if counter is None:
@@ -107,6 +103,9 @@ def per_exit_flops(model: MultiExitNetwork, input_size: Optional[Sequence[int]] 
         raise ValueError(f"convention must be 'fvcore' or 'authors', got {convention!r}")
     if scope not in SCOPES:
         raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
+    if not isinstance(model, MultiExitNetwork):
+        with _eval_mode(model):
+            return [count_macs(model, x)]
     flops = []
     with _eval_mode(model):
         for k in range(model.num_exits):
@@ -126,7 +125,8 @@ def _track_called_modules(called: Set[nn.Module]):
 
 def per_exit_params(model: MultiExitNetwork, input_size: Optional[Sequence[int]] = None) -> List[int]:
     """Cumulative parameters per exit: everything that stages 1..k and heads 1..k use."""
-    _require_multi_exit(model)
+    if not isinstance(model, MultiExitNetwork):
+        return [sum(p.numel() for p in model.parameters())]
     x = _example_input(model, input_size)
     called: Set[nn.Module] = set()
     counts = []
@@ -185,7 +185,7 @@ def per_exit_table(model: MultiExitNetwork, input_size: Optional[Sequence[int]] 
     authors = (per_exit_flops(model, input_size, convention='authors')
                if getattr(model, 'flops_convention', None) in AUTHORS_COUNTERS else None)
     rows = []
-    for k in range(model.num_exits):
+    for k in range(len(params)):
         row = {'exit': k + 1, 'params': params[k], **{f'flops_{scope}': by_scope[scope][k] for scope in SCOPES}}
         if authors is not None:
             row['flops_authors'] = authors[k]

@@ -20,9 +20,13 @@ from torch import nn
 
 
 def select_batch(state, index: torch.Tensor):
-    """Keep the samples ``index`` of every tensor in a (nested list/tuple of) batch tensor(s)."""
+    """Keep the samples ``index`` of every tensor in a (nested list/tuple of) batch tensor(s), in the same memory
+    format (a channels-last model keeps running channels-last after samples leave)."""
     if isinstance(state, torch.Tensor):
-        return state.index_select(0, index)
+        channels_last = state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last)
+        selected = torch.empty((len(index), *state.shape[1:]), dtype=state.dtype, device=state.device,
+                               memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return torch.index_select(state, 0, index, out=selected)
     if isinstance(state, (list, tuple)):
         return type(state)(select_batch(s, index) for s in state)
     raise TypeError(f'cannot select samples from a stage state of type {type(state).__name__}')
@@ -65,7 +69,9 @@ class MultiExitNetwork(nn.Module):
         if x.shape[1] != self.in_chans:
             raise ValueError(
                 f'{type(self).__name__} expects {self.in_chans}-channel input (N x {expected}), got {x.shape[1]} '
-                f'channels in a batch of shape {tuple(x.shape)}. Convert grayscale/RGBA images to RGB first.')
+                f'channels in a batch of shape {tuple(x.shape)}. '
+                + ('Convert grayscale/RGBA images to RGB first.' if self.in_chans == 3 else
+                   f'Build the model with in_chans={x.shape[1]} to take such images.'))
         height, width = x.shape[-2:]
         if not self.valid_input_size(height, width):
             raise ValueError(

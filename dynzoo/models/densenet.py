@@ -291,13 +291,14 @@ class ExitHead(nn.Module):
     def __init__(self, in_chs: int, num_classes: int):
         super().__init__()
         self.norm = nn.BatchNorm2d(in_chs)
-        self.fc = nn.Linear(in_chs, num_classes)
+        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.norm(x)), 1).flatten(1))
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.fc = nn.Linear(self.fc.in_features, num_classes)
+        in_chs = self.norm.num_features
+        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
 
 
 class DenseNetMC(_DenseFeatures, MultiExitNetwork):
@@ -423,60 +424,60 @@ _CIFAR_ARGS = dict(stem='cifar', bn_size=4, compression=0.5)
 def densenet_bc_121(pretrained: bool = False, **kwargs) -> DenseNet:
     """DenseNet-121 (6, 12, 24, 16), k=32: torchvision ``densenet121``, 7.98M params."""
     return _create_densenet(
-        'densenet_bc_121', pretrained, **dict(block_config=(6, 12, 24, 16), growth_rate=32), **kwargs)
+        'densenet_bc_121', pretrained, **{**dict(block_config=(6, 12, 24, 16), growth_rate=32), **kwargs})
 
 
 @register_model
 def densenet_bc_161(pretrained: bool = False, **kwargs) -> DenseNet:
     """DenseNet-161 (6, 12, 36, 24), k=48, 96 stem channels: torchvision ``densenet161``, 28.68M params."""
-    return _create_densenet('densenet_bc_161', pretrained, **dict(
-        block_config=(6, 12, 36, 24), growth_rate=48, num_init_features=96), **kwargs)
+    return _create_densenet('densenet_bc_161', pretrained, **{**dict(
+        block_config=(6, 12, 36, 24), growth_rate=48, num_init_features=96), **kwargs})
 
 
 @register_model
 def densenet_bc_169(pretrained: bool = False, **kwargs) -> DenseNet:
     """DenseNet-169 (6, 12, 32, 32), k=32: torchvision ``densenet169``, 14.15M params."""
     return _create_densenet(
-        'densenet_bc_169', pretrained, **dict(block_config=(6, 12, 32, 32), growth_rate=32), **kwargs)
+        'densenet_bc_169', pretrained, **{**dict(block_config=(6, 12, 32, 32), growth_rate=32), **kwargs})
 
 
 @register_model
 def densenet_bc_201(pretrained: bool = False, **kwargs) -> DenseNet:
     """DenseNet-201 (6, 12, 48, 32), k=32: torchvision ``densenet201``, 20.01M params."""
     return _create_densenet(
-        'densenet_bc_201', pretrained, **dict(block_config=(6, 12, 48, 32), growth_rate=32), **kwargs)
+        'densenet_bc_201', pretrained, **{**dict(block_config=(6, 12, 48, 32), growth_rate=32), **kwargs})
 
 
 @register_model
 def densenet_bc_264(pretrained: bool = False, **kwargs) -> DenseNet:
     """DenseNet-264 (6, 12, 64, 48), k=32, the deepest network of the memory-efficient report; no weights."""
     return _create_densenet(
-        'densenet_bc_264', pretrained, **dict(block_config=(6, 12, 64, 48), growth_rate=32), **kwargs)
+        'densenet_bc_264', pretrained, **{**dict(block_config=(6, 12, 64, 48), growth_rate=32), **kwargs})
 
 
 @register_model
 def densenet_bc_100_k12(pretrained: bool = False, **kwargs) -> DenseNet:
     """CIFAR DenseNet-BC, depth 100, k=12 (16 layers per block), 0.80M params at 100 classes (0.77M at 10)."""
-    return _create_densenet('densenet_bc_100_k12', pretrained, **dict(
-        _CIFAR_ARGS, block_config=(16, 16, 16), growth_rate=12), **kwargs)
+    return _create_densenet('densenet_bc_100_k12', pretrained, **{**dict(
+        _CIFAR_ARGS, block_config=(16, 16, 16), growth_rate=12), **kwargs})
 
 
 @register_model
 def densenet_bc_250_k24(pretrained: bool = False, **kwargs) -> DenseNet:
     """CIFAR DenseNet-BC, depth 250, k=24 (41 layers per block), 15.48M params at 100 classes (15.32M at 10)."""
-    return _create_densenet('densenet_bc_250_k24', pretrained, **dict(
-        _CIFAR_ARGS, block_config=(41, 41, 41), growth_rate=24), **kwargs)
+    return _create_densenet('densenet_bc_250_k24', pretrained, **{**dict(
+        _CIFAR_ARGS, block_config=(41, 41, 41), growth_rate=24), **kwargs})
 
 
 @register_model
 def densenet_bc_190_k40(pretrained: bool = False, **kwargs) -> DenseNet:
     """CIFAR DenseNet-BC, depth 190, k=40 (31 layers per block), 25.82M params at 100 classes (25.62M at 10)."""
-    return _create_densenet('densenet_bc_190_k40', pretrained, **dict(
-        _CIFAR_ARGS, block_config=(31, 31, 31), growth_rate=40), **kwargs)
+    return _create_densenet('densenet_bc_190_k40', pretrained, **{**dict(
+        _CIFAR_ARGS, block_config=(31, 31, 31), growth_rate=40), **kwargs})
 
 
 @register_model
 def densenet_bc_100_k12_mc(pretrained: bool = False, **kwargs) -> DenseNetMC:
     """DenseNet^MC: CIFAR DenseNet-BC-100 (k=12) with a classifier after each of its 3 dense blocks."""
-    return _create_densenet('densenet_bc_100_k12_mc', pretrained, **dict(
-        _CIFAR_ARGS, block_config=(16, 16, 16), growth_rate=12, exits='blocks'), **kwargs)
+    return _create_densenet('densenet_bc_100_k12_mc', pretrained, **{**dict(
+        _CIFAR_ARGS, block_config=(16, 16, 16), growth_rate=12, exits='blocks'), **kwargs})

@@ -55,13 +55,14 @@ class PoolLinearHead(nn.Module):
 
     def __init__(self, in_chs: int, num_classes: int):
         super().__init__()
-        self.fc = nn.Linear(in_chs, num_classes)
+        self.in_chs = in_chs
+        self.reset_classifier(num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.fc = nn.Linear(self.fc.in_features, num_classes)
+        self.fc = nn.Linear(self.in_chs, num_classes) if num_classes > 0 else nn.Identity()
 
 
 class ResNetMC(MultiExitNetwork):

@@ -231,9 +231,9 @@ def _drop_adaptation_layers(state_dict: Dict[str, torch.Tensor], model: nn.Modul
     """The BYOT training script saves its ``adaptation_layers`` (loss-side Linear layers) with the network."""
     dropped = [k for k in state_dict if k.startswith(ADAPTATION_PREFIX)]
     if dropped:
-        _logger.info(
-            f'Dropped {len(dropped)} {ADAPTATION_PREFIX}* keys: they belong to the training loss, load them with '
-            'dynzoo.losses.BYOTLoss.load_adaptation_layers.')
+        _logger.warning(
+            'Dropped %d %s* keys: they belong to the training loss; load them with '
+            'dynzoo.losses.BYOTLoss.load_adaptation_layers.', len(dropped), ADAPTATION_PREFIX)
     return {k: v for k, v in state_dict.items() if not k.startswith(ADAPTATION_PREFIX)}
 
 

@@ -17,8 +17,9 @@ Instances (``model.instances()`` lists them in the authors' evaluation order):
   ``S`` being the size the max-pool would have produced (for the CIFAR stem, which has no max-pool, ``S = H``).
 
 ``model(x, instance=(p, r))`` runs one instance. Without ``instance``, eval runs ``(None, None)`` and train samples an
-instance per call (per mini-batch) with torch's global generator, so DDP ranks seeded alike sample alike (the authors
-use Python's ``random`` inside ``nn.DataParallel``).
+instance per call (per mini-batch) with torch's global generator. Under DDP each process draws its own instance
+(dynzoo's trainer seeds ranks differently), as the authors' ``nn.DataParallel`` replicas each drew their own with
+Python's ``random``.
 
 Where dynzoo differs from the authors' code:
 

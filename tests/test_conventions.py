@@ -1,0 +1,47 @@
+"""Conventions every family shares: cost counting, evaluation, constructor overrides, classifier reset."""
+import pytest
+import torch
+from torch.utils.data import TensorDataset, DataLoader
+
+import dynzoo
+from dynzoo.evaluate import collect_logits
+
+MULTI_EXIT_CIFAR = ['msdnet_cifar_lin5', 'scan_resnet18', 'byot_resnet18', 'densenet_bc_100_k12_mc', 'resnet_mc_cifar']
+
+
+def test_single_exit_models_have_one_exit_costed():
+    model = dynzoo.create_model('densenet_bc_100_k12')
+    assert dynzoo.per_exit_flops(model) == [287_960_472]  # spec: BC-100 k12, 100 classes, conv + linear MACs
+    assert dynzoo.per_exit_params(model) == [800_032]
+
+
+def test_collect_logits_on_single_and_multi_exit_models():
+    loader = DataLoader(TensorDataset(torch.randn(6, 3, 32, 32), torch.arange(6)), batch_size=4)
+    single, labels = collect_logits(dynzoo.create_model('sdpoint_preresnet_cifar'), loader)
+    multi, _ = collect_logits(dynzoo.create_model('msdnet_cifar_lin5', num_classes=10), loader)
+    assert [t.shape for t in single] == [(6, 10)] and labels.tolist() == list(range(6))
+    assert [t.shape for t in multi] == [(6, 10)] * 5
+
+
+def test_flops_follow_the_models_input_channels():
+    rgb = dynzoo.per_exit_flops(dynzoo.create_model('msdnet_cifar_lin5'))
+    gray = dynzoo.per_exit_flops(dynzoo.create_model('msdnet_cifar_lin5', in_chans=1))
+    stem_rgb_minus_gray = 16 * 2 * 3 * 3 * 32 * 32  # only the first conv sees the input channels
+    assert [r - g for r, g in zip(rgb, gray)] == [stem_rgb_minus_gray] * 5
+    with pytest.raises(ValueError, match='in_chans=3'):
+        dynzoo.create_model('msdnet_cifar_lin5', in_chans=1)(torch.zeros(1, 3, 32, 32))
+
+
+def test_constructor_arguments_override_the_registered_preset():
+    assert dynzoo.create_model('msdnet_step4', step=2, n_blocks=2).num_exits == 2
+    small = dynzoo.create_model('densenet_bc_121', growth_rate=16)
+    assert sum(p.numel() for p in small.parameters()) < 7_978_856
+
+
+@pytest.mark.parametrize('name', MULTI_EXIT_CIFAR)
+def test_reset_classifier_to_features(name):
+    model = dynzoo.create_model(name).eval()
+    model.reset_classifier(0)
+    with torch.no_grad():
+        outputs = model(torch.randn(2, 3, 32, 32))
+    assert len(outputs) == model.num_exits and all(o.shape[1] != 0 and o.shape[1] != 100 for o in outputs)
