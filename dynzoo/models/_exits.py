@@ -63,9 +63,10 @@ class MultiExitNetwork(nn.Module):
         expected = 'x'.join(str(s) for s in self.default_input_size)
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            expected_shape = ', '.join(map(str, self.default_input_size))
             raise ValueError(
-                f'{type(self).__name__} expects a batch of images of shape (N, {", ".join(map(str, self.default_input_size))}), '
-                f'got {shape}. Add a batch dimension with x.unsqueeze(0) for a single image.')
+                f'{type(self).__name__} expects a batch of images of shape (N, {expected_shape}), got {shape}. '
+                'Add a batch dimension with x.unsqueeze(0) for a single image.')
         if x.shape[1] != self.in_chans:
             raise ValueError(
                 f'{type(self).__name__} expects {self.in_chans}-channel input (N x {expected}), got {x.shape[1]} '

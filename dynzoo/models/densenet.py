@@ -7,8 +7,9 @@ Layouts and outputs follow the reference code, so weights move both ways:
 * ImageNet (``densenet_bc_121/161/169/201``): torchvision's ``densenet121/161/169/201``, same ``state_dict`` keys and
   outputs. torchvision's released files use an old key style inside dense layers (``norm.1.weight``,
   ``conv.2.weight``, ...); ``checkpoint_filter_fn`` renames those keys, so the files load through
-  ``pretrained=True`` (tag ``tv_in1k``) or ``pretrained_cfg_overlay=dict(file=PATH)``. ``densenet_bc_264`` is the
-  (6, 12, 64, 48) network of the memory-efficient report (not in torchvision, no weights).
+  ``pretrained_cfg_overlay=dict(file=PATH)``, or ``pretrained=True`` (tag ``tv_in1k``) once the converted weights
+  are on the Hub (``pretrained_cfg_overlay=dict(hf_hub_id=None)`` downloads torchvision's file instead).
+  ``densenet_bc_264`` is the (6, 12, 64, 48) network of the memory-efficient report (not in torchvision, no weights).
 * CIFAR (``densenet_bc_100_k12``, ``densenet_bc_250_k24``, ``densenet_bc_190_k40``): gpleiss/efficient_densenet_pytorch
   (3x3 stem without BN or pooling, final norm named ``features.norm_final``). Its ``demo.py`` builds
   ``(depth - 4) // 6`` layers per block; dynzoo registers the three depths of the paper, which that formula gives.
@@ -393,7 +394,8 @@ def _cfg(url: str = '', **kwargs):
 def _tv_cfg(architecture: str, torchvision_file: str):
     """torchvision's released weights, converted to safetensors under the dynzoo Hub organisation; ``url`` is
     torchvision's original file (``pretrained_cfg_overlay=dict(hf_hub_id=None)`` downloads that instead)."""
-    return _cfg(url=f'https://download.pytorch.org/models/{torchvision_file}', hf_hub_id=f'dynzoo/{architecture}.tv_in1k', license='bsd-3-clause',
+    return _cfg(url=f'https://download.pytorch.org/models/{torchvision_file}',
+                hf_hub_id=f'dynzoo/{architecture}.tv_in1k', license='bsd-3-clause',
                 origin_url='https://github.com/pytorch/vision')
 
 

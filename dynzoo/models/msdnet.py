@@ -132,10 +132,12 @@ class MultiScaleDenseLayer(nn.Module):
         for k in range(out_scales):
             s = offset + k
             if k == 0 and self.discard == 0:
-                layers.append(SameScaleDenseLayer(in_chs * gr_factor[s], growth * gr_factor[s], bottleneck, bn_factor[s]))
+                layers.append(SameScaleDenseLayer(
+                    in_chs * gr_factor[s], growth * gr_factor[s], bottleneck, bn_factor[s]))
             else:
-                layers.append(TwoScaleDenseLayer(in_chs * gr_factor[s - 1], in_chs * gr_factor[s], growth * gr_factor[s],
-                                             bottleneck, bn_factor[s - 1], bn_factor[s]))
+                layers.append(TwoScaleDenseLayer(
+                    in_chs * gr_factor[s - 1], in_chs * gr_factor[s], growth * gr_factor[s],
+                    bottleneck, bn_factor[s - 1], bn_factor[s]))
         self.layers = nn.ModuleList(layers)
 
     def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -260,7 +262,8 @@ class MSDNet(MultiExitNetwork):
                     in_scales = min(self.num_scales, n_layers_total - layer_index + 2)
                     out_scales = min(self.num_scales, n_layers_total - layer_index + 1)
                     transition = layer_index in (n_layers_total // 3, 2 * n_layers_total // 3)
-                block.append(MultiScaleDenseLayer(width, growth_rate, in_scales, out_scales, gr_factor, bn_factor, bottleneck))
+                block.append(MultiScaleDenseLayer(
+                    width, growth_rate, in_scales, out_scales, gr_factor, bn_factor, bottleneck))
                 width += growth_rate
                 if transition and reduction > 0:
                     reduced = math.floor(reduction * width)
