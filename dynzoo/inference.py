@@ -204,9 +204,12 @@ def early_exit(model, x: torch.Tensor, thresholds: Sequence[float], flops: Optio
     scope='cascade')`` differences. Cascade is the right scope because ``iter_exits`` computes each stage's whole
     state (for MSDNet, every scale of the block, including finer scales that only later exits use) and every head
     of the exits a sample was tried at; 'lazy' would leave out work that does run, 'standalone' the earlier heads.
-    Pass ``flops`` (cascade, at ``x``'s image size) to skip recounting them on every call. The model is not put in
-    eval mode here: call ``model.eval()`` first.
+    Pass ``flops`` (cascade, at ``x``'s image size) to skip recounting them on every call. The model must be in
+    eval mode.
     """
+    if model.training:
+        raise ValueError('early_exit needs the model in eval mode (batch statistics would change as samples leave): '
+                         'call model.eval() first')
     num_exits = model.num_exits
     thresholds = _check_thresholds(thresholds, num_exits)
     _check_fallback(fallback)
@@ -249,7 +252,8 @@ def evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, flops: S
                       qs: Optional[Sequence[float]] = None) -> List[Dict]:
     """MSDNet's budgeted-batch evaluation: for each ``q`` (default ``p / 20`` for p = 1..39) fit thresholds on the
     held-out logits for the geometric exit distribution, apply them to the test logits, and report accuracy and
-    expected FLOPs ``sum_k (n_k / N) * flops[k]`` (``flops``: cascade per-exit costs, the authors' column A).
+    expected FLOPs ``sum_k (n_k / N) * flops[k]`` (``flops``: cascade per-exit costs, e.g. ``per_exit_flops(model)``;
+    the MSDNet authors used their own counter, ``per_exit_flops(model, convention='authors')``).
 
     Returns one dict per operating point: ``q``, ``accuracy``, ``expected_flops``, ``exit_fractions`` (realised on
     the test split), ``target_fractions``, ``val_exit_fractions`` and ``thresholds``.

@@ -192,3 +192,9 @@ def test_cli_eval_and_bench_smoke(tmp_path, capsys):
     assert len(cascade) == 4 and cascade == sorted(cascade) and all(l <= c for l, c in zip(lazy, cascade))
     assert json.loads((tmp_path / 'bench_scan_resnet18.json').read_text())['rows'][-1]['flops_cascade'] == cascade[-1]
     assert 'bench: scan_resnet18' in capsys.readouterr().out
+
+
+def test_early_exit_refuses_training_mode():
+    model = dynzoo.create_model('msdnet_cifar_lin5', num_classes=10).train()
+    with pytest.raises(ValueError, match='eval mode'):
+        early_exit(model, torch.zeros(2, 3, 32, 32), [0.5] * 5)
