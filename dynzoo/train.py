@@ -480,7 +480,12 @@ def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, A
         model.load_state_dict(checkpoint['model'])
         criterion.load_state_dict(checkpoint['criterion'])
         optimizer.load_state_dict(checkpoint['optimizer'])
-        scheduler.load_state_dict(checkpoint['scheduler'])
+        schedule_keys = ('epochs', 'sched', 'milestones', 'decay_rate', 'warmup_epochs', 'warmup_lr', 'min_lr', 'lr')
+        if all(checkpoint['config'].get(k) == config[k] for k in schedule_keys):
+            scheduler.load_state_dict(checkpoint['scheduler'])
+        else:  # timm's schedulers are functions of the step: the new schedule continues from global_step
+            for group in optimizer.param_groups:
+                group['initial_lr'] = config['lr']
         start_epoch, global_step = checkpoint['epoch'], checkpoint['global_step']
         history, train_time = checkpoint['history'], checkpoint['train_time']
         rng = checkpoint['rng']

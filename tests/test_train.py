@@ -158,6 +158,12 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, monkeypatch):
     config = json.loads((tmp_path / 'killed' / 'pretrained' / 'config.json').read_text())
     assert config['dynzoo']['per_exit_accuracy'] == log['epochs'][-1]['val_top1']
 
+    # Resuming with more epochs continues on the new schedule (the 3-epoch cosine had already reached zero).
+    longer = TINY_MSDNET + FAST + ['--preset', 'fast_cifar', '--epochs', '5', '--warmup-epochs', '1']
+    dtrain.run_train(_args(*longer, '--output', tmp_path / 'straight', '--resume'))
+    extended = _final_state(tmp_path / 'straight')
+    assert extended['epoch'] == 5 and straight['history'][-1]['lr'] == 0 < extended['history'][3]['lr']
+
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / 'last.pth'
