@@ -53,19 +53,6 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     'densenet': ('densenet', 'densenet_'),
 }
 
-_PAPERS = {
-    'msdnet': 'Huang et al., "Multi-Scale Dense Networks for Resource Efficient Image Classification", ICLR 2018 '
-              '(arXiv:1703.09844)',
-    'scan': 'Zhang et al., "SCAN: A Scalable Neural Networks Framework Towards Compact and Efficient Models", '
-            'NeurIPS 2019 (arXiv:1906.03951)',
-    'byot': 'Zhang, Bao, Ma, "Self-Distillation: Towards Efficient and Compact Neural Networks", TPAMI 2021 '
-            '(journal version of "Be Your Own Teacher", ICCV 2019, arXiv:1905.08094)',
-    'sdpoint': 'Kuen et al., "Stochastic Downsampling for Cost-Adjustable Inference and Improved Regularization in '
-               'Convolutional Networks", CVPR 2018 (arXiv:1801.09335)',
-    'densenet': 'Huang et al., "Densely Connected Convolutional Networks", CVPR 2017 (arXiv:1608.06993)',
-}
-
-
 class CheckpointFileError(ValueError):
     """A checkpoint file that cannot be read safely: truncated, corrupt, or a pickle carrying code."""
 
@@ -107,13 +94,6 @@ def load_checkpoint_file(path) -> Any:
             'corrupt: download or save it again.') from e
 
 
-def _family_of(architecture: str) -> Optional[str]:
-    for family, (_, prefix) in FAMILIES.items():
-        if architecture.startswith(prefix):
-            return family
-    return None
-
-
 def _num_features(model: nn.Module) -> int:
     if isinstance(getattr(model, 'num_features', None), int):
         return model.num_features
@@ -143,15 +123,16 @@ def _fmt_m(value: float) -> str:
 def _model_card(name: str, config: Dict[str, Any]) -> str:
     info = config['dynzoo']
     architecture = config['architecture']
-    family = _family_of(architecture)
-    paper = _PAPERS.get(family, 'see the dynzoo README')
+    cfg = config['pretrained_cfg']
+    paper = f'"{cfg["paper_name"]}" ({cfg.get("paper_ids", "")})' if cfg.get('paper_name') else 'see the dynzoo README'
     accuracy = info.get('per_exit_accuracy')
+    kind = (f'a {info["num_exits"]}-exit dynamic image classifier: every exit returns logits, so a sample can leave '
+            'the network as soon as an exit is confident' if info['num_exits'] > 1 else 'an image classifier')
     lines = [
         '---', 'tags:', '- image-classification', '- timm', '- dynzoo', '- early-exit', 'library_name: timm',
         f'license: {config["pretrained_cfg"].get("license", "mit")}', '---', '',
         f'# {name}', '',
-        f'`{architecture}` from [dynzoo](https://github.com/dynzoo/dynzoo), a {info["num_exits"]}-exit dynamic image '
-        f'classifier: every exit returns logits, so a sample can leave the network as soon as an exit is confident.',
+        f'`{architecture}` from [dynzoo](https://github.com/dynzoo/dynzoo), {kind}.',
         '', f'Paper: {paper}.', '',
         f'Classes: {config["num_classes"]}. Input: {"x".join(map(str, config["pretrained_cfg"]["input_size"]))}, '
         f'mean {tuple(config["pretrained_cfg"]["mean"])}, std {tuple(config["pretrained_cfg"]["std"])}.', '',
