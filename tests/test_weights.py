@@ -1,0 +1,40 @@
+"""The weights shipped in dynzoo/weights load offline, strictly, and reach their model card's accuracy on the
+CIFAR-10 test sample embedded in the package."""
+import json
+
+import pytest
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+import dynzoo
+from dynzoo.data import cifar_dataset
+from dynzoo.evaluate import collect_logits, eval_transform
+from dynzoo.hub import PACKAGE_MIRROR
+
+SHIPPED = sorted(p.name for p in PACKAGE_MIRROR.iterdir() if (p / 'model.safetensors').is_file())
+# The sample has 1,000 images: one standard error of an accuracy near 90% is about 1 point.
+MARGIN = 4.0
+
+
+def test_shipped_weights_are_registered_tags():
+    assert 'msdnet_cifar_b7.c10' in SHIPPED
+    assert set(SHIPPED) <= set(dynzoo.list_models(pretrained=True))
+
+
+@pytest.mark.parametrize('name', SHIPPED)
+def test_shipped_weights_load_and_match_their_card(name):
+    folder = PACKAGE_MIRROR / name
+    card = json.loads((folder / 'config.json').read_text())['dynzoo']
+    model = dynzoo.create_model(name, pretrained=True).eval()
+    stored = load_file(folder / 'model.safetensors')
+    state = model.state_dict()
+    assert stored.keys() == state.keys()
+    assert all((state[k].float() == v.float()).all() for k, v in stored.items())
+
+    loader = DataLoader(cifar_dataset('test', source='sample', transform=eval_transform(model)), batch_size=250)
+    logits, labels = collect_logits(model, loader)
+    sample_top1 = [100.0 * (l.argmax(1) == labels).double().mean().item() for l in logits]
+    assert len(sample_top1) == len(card['per_exit_accuracy'])
+    for measured, reported in zip(sample_top1, card['per_exit_accuracy']):
+        assert measured >= reported - MARGIN, (sample_top1, card['per_exit_accuracy'])
+    assert min(sample_top1) > 50  # chance is 10%
