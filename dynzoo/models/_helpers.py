@@ -104,9 +104,10 @@ def untagged_default(default_cfgs: Dict) -> Dict:
     return default_cfgs
 
 
-def init_he_fan_out(model: nn.Module) -> None:
-    """He-normal convs with fan-out (``N(0, sqrt(2 / (k * k * out_channels)))``), BN weight 1 / bias 0, zero Linear
-    bias (Linear weights keep PyTorch's init): the initialisation of MSDNet's and SDPoint's authors."""
+def init_he_fan_out(model: nn.Module, zero_linear_bias: bool = True) -> None:
+    """He-normal convs with fan-out (``N(0, sqrt(2 / (k * k * out_channels)))``), BN weight 1 / bias 0 and, with
+    ``zero_linear_bias``, zero Linear bias; Linear weights and transposed convs keep PyTorch's init. MSDNet's and
+    SDPoint's authors zero the Linear bias, SCAN's/BYOT's and torchvision's CIFAR-style ResNets do not."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -114,5 +115,5 @@ def init_he_fan_out(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear) and m.bias is not None:
+        elif zero_linear_bias and isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)

@@ -17,7 +17,7 @@ from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._exits import MultiExitNetwork
-from ._helpers import checkpoint_filter
+from ._helpers import checkpoint_filter, init_he_fan_out
 
 __all__ = ['ResNetMC', 'BasicBlock']
 
@@ -102,12 +102,7 @@ class ResNetMC(MultiExitNetwork):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.default_input_size = (in_chans, 32, 32)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_he_fan_out(self, zero_linear_bias=False)
 
     def forward_stage(self, k: int, state: torch.Tensor) -> torch.Tensor:
         if k == 0:

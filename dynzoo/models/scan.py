@@ -33,7 +33,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ._exits import MultiExitNetwork
-from ._helpers import make_checkpoint_filter
+from ._helpers import init_he_fan_out, make_checkpoint_filter
 
 __all__ = ['ScanResNet', 'SepConv']
 
@@ -171,19 +171,10 @@ class ScanResNet(MultiExitNetwork):
             self.add_module(f'attention{k}', scan_attention(chs) if head_type == 'scan' else byot_attention(chs))
         for k in range(1, 5):
             self.add_module(f'fc{k}', self._make_fc(num_classes))
-        self._init_weights()
+        init_he_fan_out(self, zero_linear_bias=False)  # as the authors: convs only, Linear keeps its init
 
     def _make_fc(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _init_weights(self) -> None:
-        # As the authors: He-normal (fan_out) for Conv2d only; transposed convs and Linear keep PyTorch's init.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward_stage(self, k: int, state: torch.Tensor) -> torch.Tensor:
         if k == 0:
