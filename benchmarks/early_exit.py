@@ -10,7 +10,9 @@ FLOPs and time that comes from stages differing in time per FLOP, not from early
 Each ``--variants`` entry times its own copy of the model, the same one for early exit and full forward: ``plain``;
 ``fused`` (``dynzoo.models.fuse_conv_bn``: BatchNorm folded into the convs, inference only);
 ``fused_channels_last`` (fused, model and batch in channels-last memory format; ``select_batch`` returns the kept
-samples in the default layout, so every stage after an exit first converts them back). Thresholds and FLOPs come
+samples in the default layout, so every stage after an exit first converts them back); ``optimized``
+(``dynzoo.optimize_for_inference``: fused, 1x1 convolutions as batched matrix products, dense layers growing their
+feature maps in place). Thresholds and FLOPs come
 from the plain model for every variant.
 
     python benchmarks/early_exit.py --data npz --data-path ../shared/data/cifar10_jpeg.npz --batch-size 256
@@ -29,10 +31,10 @@ import dynzoo
 from dynzoo.data import cifar_dataset, holdout_indices
 from dynzoo.evaluate import collect_logits, eval_transform
 from dynzoo.inference import early_exit, fit_thresholds, geometric_fractions, simulate_early_exit
-from dynzoo.models import fuse_conv_bn
+from dynzoo.models import fuse_conv_bn, optimize_for_inference
 
 DEFAULT_NPZ = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10_jpeg.npz'
-VARIANTS = ('plain', 'fused', 'fused_channels_last')
+VARIANTS = ('plain', 'fused', 'fused_channels_last', 'optimized')
 
 
 def parse_args():
@@ -50,7 +52,7 @@ def parse_args():
     parser.add_argument('--target-ratio', type=float, default=0.5,
                         help='also time the q whose held-out FLOPs are closest to this share of the full model')
     parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=['plain', 'fused'],
+    parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=['plain', 'fused', 'optimized'],
                         help='model variants to time (each against its own full forward)')
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--seed', type=int, default=0)
@@ -138,6 +140,8 @@ def prepare_variant(model, x, variant):
     """The model copy and input batch that ``variant`` times."""
     if variant == 'plain':
         return model, x
+    if variant == 'optimized':
+        return optimize_for_inference(model), x
     fused = fuse_conv_bn(model)
     if variant == 'fused':
         return fused, x

@@ -7,6 +7,6 @@ from .sdpoint import instance_flops
 from .hub import push_to_hub, save_pretrained
 from .inference import early_exit, evaluate_budgeted, fit_thresholds
 from .evaluate import evaluate_anytime
-from .models import fuse_conv_bn
+from .models import fuse_conv_bn, optimize_for_inference
 
 __version__ = '0.1.0'

@@ -1,11 +1,11 @@
-"""fuse_conv_bn: BatchNorm folded into convs keeps every exit's output, and real early exit on the fused model."""
+"""fuse_conv_bn and optimize_for_inference keep every exit's output, and real early exit on the faster models."""
 import pytest
 import torch
 from torch import nn
 
 import dynzoo
 from dynzoo.inference import NEVER, early_exit, fit_thresholds, geometric_fractions
-from dynzoo.models import FoldedBatchNorm, fuse_conv_bn
+from dynzoo.models import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference
 
 
 def _model_with_running_stats(name: str) -> nn.Module:
@@ -79,3 +79,50 @@ def test_early_exit_on_fused_model_equals_unfused():
     with torch.no_grad():
         assert torch.equal(everyone_to_the_end.predictions, model(x_test)[-1].argmax(1))
     assert everyone_to_the_end.samples_per_stage == [16] * model.num_exits
+
+
+def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
+    model = _model_with_running_stats('msdnet_cifar_b7').double()
+    optimized = optimize_for_inference(model)
+    pointwise = [m for m in optimized.modules() if isinstance(m, PointwiseConv)]
+    assert len(pointwise) == 57 and optimized.folded_batch_norms == 128  # every 1x1 conv: bottlenecks, transitions
+    assert not any(getattr(m, 'grow_in_place', False) for m in model.modules())  # the original keeps torch.cat
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        for _ in range(2):  # a second call on the same model must not reuse the first call's buffers wrongly
+            for exit_expected, exit_got in zip(expected, optimized(x)):
+                assert (exit_got - exit_expected).abs().max() <= 1e-10 * exit_expected.abs().max()
+        first = optimized.forward_stage(0, x)
+        assert first[0].shape[1] == 40 and first[0].untyped_storage().nbytes() > first[0].numel() * 8
+        again, twice = optimized.forward_stage(1, first), optimized.forward_stage(1, first)
+        kept = [t.clone() for t in again]
+        optimized.forward_stage(2, again)  # appends into again's spare channels: again itself must not change
+        for a, b, c in zip(again, twice, kept):
+            assert torch.equal(a, b) and torch.equal(a, c) and a.data_ptr() != b.data_ptr()
+    # with autograd on, the optimized layers fall back to torch.cat and gradients flow
+    optimized(x.requires_grad_())[-1].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_pointwise_conv_equals_conv_in_both_memory_formats():
+    conv = nn.Conv2d(8, 5, 1)
+    pointwise = PointwiseConv(conv)
+    x = torch.randn(3, 8, 6, 7)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = pointwise(x.contiguous(memory_format=layout))
+        assert torch.allclose(got, conv(x), atol=1e-6) and got.shape == (3, 5, 6, 7)
+    assert not PointwiseConv.applies_to(nn.Conv2d(8, 5, 1, stride=2))
+    assert not PointwiseConv.applies_to(nn.Conv2d(8, 8, 1, groups=2))
+    assert not PointwiseConv.applies_to(nn.Conv2d(8, 5, 3))
+
+
+def test_early_exit_on_optimized_model_equals_plain():
+    model = _model_with_running_stats('msdnet_cifar_b7').double()
+    optimized = optimize_for_inference(model)
+    x_val, x_test = torch.randn(2, 16, 3, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        thresholds = fit_thresholds(model(x_val), geometric_fractions(0.5, model.num_exits))
+    plain, fast = early_exit(model, x_test, thresholds), early_exit(optimized, x_test, thresholds)
+    assert torch.equal(fast.predictions, plain.predictions) and torch.equal(fast.exits, plain.exits)
+    assert len(set(plain.exits.tolist())) > 2 and fast.flops == plain.flops

@@ -6,4 +6,4 @@ from .scan import ScanResNet
 from .densenet import DenseNet, DenseNetMC
 from .resnet_mc import ResNetMC
 from .sdpoint import Instance, SDPointResNet
-from ._fuse import FoldedBatchNorm, fuse_conv_bn
+from ._fuse import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference

@@ -66,15 +66,44 @@ class BottleneckConv(nn.Module):
         return self.net(x)
 
 
+_SPARE_CHANNELS = '_dynzoo_spare_channels'
+
+
+def concat_channels(tensors: Sequence[torch.Tensor], grow_in_place: bool) -> torch.Tensor:
+    """``torch.cat(tensors, dim=1)``; with ``grow_in_place`` and autograd off, the result is a view of a buffer with
+    spare channels after it, and the next call that appends to that view writes only its new channels there.
+
+    The right to fill a buffer's spare channels passes from view to view: only the latest view holds it, so calling a
+    layer twice on the same input (or keeping an older feature map) allocates a fresh buffer instead of overwriting
+    channels another tensor still shows. Dense layers never modify their input, so every view stays valid."""
+    if not grow_in_place or torch.is_grad_enabled():
+        return torch.cat(tensors, dim=1)
+    base = tensors[0]
+    width = sum(t.shape[1] for t in tensors)
+    buffer = base.__dict__.pop(_SPARE_CHANNELS, None)
+    if buffer is None or buffer.shape[1] < width:
+        n, c, h, w = base.shape
+        buffer = base.new_empty((n, 2 * width, h, w))
+        buffer[:, :c].copy_(base)
+    offset = base.shape[1]
+    for t in tensors[1:]:
+        buffer[:, offset:offset + t.shape[1]].copy_(t)
+        offset += t.shape[1]
+    out = buffer[:, :width]
+    out.__dict__[_SPARE_CHANNELS] = buffer
+    return out
+
+
 class SameScaleDenseLayer(nn.Module):
     """Dense layer at one scale: ``[x, conv(x)]``."""
 
     def __init__(self, in_chs: int, growth: int, bottleneck: bool, bn_width: int):
         super().__init__()
         self.conv_normal = BottleneckConv(in_chs, growth, False, bottleneck, bn_width)
+        self.grow_in_place = False  # see concat_channels; switched on by dynzoo.models.optimize_for_inference
 
     def forward(self, same_scale: torch.Tensor) -> torch.Tensor:
-        return torch.cat([same_scale, self.conv_normal(same_scale)], dim=1)
+        return concat_channels([same_scale, self.conv_normal(same_scale)], self.grow_in_place)
 
 
 class TwoScaleDenseLayer(nn.Module):
@@ -85,9 +114,11 @@ class TwoScaleDenseLayer(nn.Module):
         super().__init__()
         self.conv_down = BottleneckConv(finer_chs, growth // 2, True, bottleneck, finer_bn_width)
         self.conv_normal = BottleneckConv(same_chs, growth // 2, False, bottleneck, same_bn_width)
+        self.grow_in_place = False  # see concat_channels; switched on by dynzoo.models.optimize_for_inference
 
     def forward(self, finer: torch.Tensor, same_scale: torch.Tensor) -> torch.Tensor:
-        return torch.cat([same_scale, self.conv_down(finer), self.conv_normal(same_scale)], dim=1)
+        return concat_channels([same_scale, self.conv_down(finer), self.conv_normal(same_scale)],
+                               self.grow_in_place)
 
 
 class MultiScaleStem(nn.Module):
