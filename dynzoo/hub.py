@@ -116,6 +116,18 @@ def _per_exit_stats(model: nn.Module) -> Dict[str, Any]:
     return dict(num_exits=1, per_exit_macs=[macs], per_exit_params=[sum(p.numel() for p in model.parameters())])
 
 
+def _instance_rows(model: nn.Module, per_instance_accuracy: Dict[str, float]):
+    """``[{instance, macs, top1}]`` for every instance of an SDPoint network, in ``model.instances()`` order."""
+    from .flops import CONV_LINEAR_OPS
+    from .sdpoint import instance_flops
+    macs = instance_flops(model, ops=CONV_LINEAR_OPS)  # as the per-exit MACs; instance_flops counts every op
+    unknown = set(per_instance_accuracy) - {instance.name for instance in macs}
+    if unknown:
+        raise ValueError(f'per_instance_accuracy names instances the model does not have: {sorted(unknown)}')
+    return [dict(instance=instance.name, macs=count, top1=float(per_instance_accuracy[instance.name]))
+            for instance, count in macs.items() if instance.name in per_instance_accuracy]
+
+
 def _fmt_m(value: float) -> str:
     return f'{value / 1e6:.2f}'
 
@@ -153,6 +165,13 @@ def _model_card(name: str, config: Dict[str, Any]) -> str:
         if accuracy:
             row += f' {accuracy[k]:.2f} |'
         lines.append(row)
+    if info.get('instances'):
+        lines += ['', '## Per-instance cost and accuracy', '',
+                  'The instance (downsampling point, ratio) chooses the cost: `model(images, instance=(point, ratio))`'
+                  '; `nil` is the full network. Batch-norm statistics are stored per instance.', '',
+                  f'| instance | MACs (M, fvcore conv+linear) | top-1 (%), {info.get("accuracy_dataset", "test set")} |',
+                  '|---|---:|---:|']
+        lines += [f'| {row["instance"]} | {_fmt_m(row["macs"])} | {row["top1"]:.2f} |' for row in info['instances']]
     lines += [
         '', '## Usage', '', '```python', 'import dynzoo, timm', '',
         f"model = dynzoo.create_model('{name}', pretrained=True).eval()",
@@ -176,6 +195,7 @@ def save_pretrained(
         dtype: Optional[torch.dtype] = None,
         data_config: Optional[Dict[str, Any]] = None,
         model_card: bool = True,
+        per_instance_accuracy: Optional[Dict[str, float]] = None,
 ) -> Path:
     """Write a Hub-ready folder: ``model.safetensors``, ``config.json`` and a ``README.md`` model card.
 
@@ -184,6 +204,8 @@ def save_pretrained(
     describing the recipe (shown in the card); ``dtype=torch.float16`` stores floating tensors in half precision
     (``create_model`` converts them back on load); ``data_config``: the preprocessing used, as timm's
     ``save_for_hf`` takes it. The config's ``dynzoo`` entry holds per-exit fvcore MACs and parameters.
+    ``per_instance_accuracy`` (SDPoint networks: ``{instance name: top-1 %}``) adds every instance's MACs and
+    accuracy to the config and card.
     """
     save_directory = Path(save_directory)
     architecture = model.pretrained_cfg['architecture']
@@ -197,7 +219,8 @@ def save_pretrained(
     if per_exit_accuracy is not None and len(per_exit_accuracy) != info['num_exits']:
         raise ValueError(f'{len(per_exit_accuracy)} accuracies given for {info["num_exits"]} exits')
     info.update(per_exit_accuracy=per_exit_accuracy, accuracy_dataset=accuracy_dataset, training=training,
-                storage_dtype=str(dtype or torch.float32).replace('torch.', ''))
+                storage_dtype=str(dtype or torch.float32).replace('torch.', ''),
+                instances=_instance_rows(model, per_instance_accuracy) if per_instance_accuracy else None)
     info = {k: v for k, v in info.items() if v is not None}
     channels_last = any(not t.is_contiguous() for t in model.state_dict().values())
     if dtype in (None, torch.float32) and not channels_last:

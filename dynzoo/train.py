@@ -14,7 +14,8 @@
 * Every epoch, rank 0 writes ``last.pth`` atomically (temporary file, then ``os.replace``) with model, loss,
   optimizer, scheduler, every rank's RNG states and the epoch; ``--resume`` continues exactly, a killed run loses at
   most the epoch in progress. ``log.json`` records the run; at the end the model is exported Hub-ready
-  (``dynzoo.hub.save_pretrained``) with its per-exit validation accuracy.
+  (``dynzoo.hub.save_pretrained``) with its per-exit validation accuracy; SDPoint networks first get batch-norm
+  statistics re-estimated per instance and every instance evaluated, as their authors do.
 """
 import argparse
 import inspect
@@ -43,6 +44,8 @@ from . import data, losses
 from .factory import create_model, is_dynzoo_model
 from .hub import load_checkpoint_file, save_pretrained
 from .models import MultiExitNetwork
+from .models.sdpoint import NIL, SDPointResNet
+from .sdpoint import recalibrate_bn
 
 __all__ = ['PRESETS', 'DEFAULTS', 'GlobalBatchSampler', 'resolve_config', 'build_loss', 'add_train_args',
            'run_train', 'main']
@@ -339,6 +342,35 @@ def evaluate(model: nn.Module, loader: DataLoader, dist_info: _Distributed, conf
     return [100.0 * c / sums[-1] for c in sums[:-1]]
 
 
+@torch.no_grad()
+def evaluate_instances(model: nn.Module, loader: DataLoader, device: torch.device,
+                       config: Dict[str, Any]) -> Dict[str, float]:
+    """Top-1 (%) of every instance of an SDPoint network, ``{instance name: accuracy}``, in one pass over ``loader``."""
+    model.eval()
+    instances = model.instances()
+    correct, total = [0] * len(instances), 0
+    for images, target in loader:
+        images, target = images.to(device), target.to(device)
+        if config['channels_last']:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(config['amp'], device):
+            for i, instance in enumerate(instances):
+                correct[i] += int((model(images, instance=instance).argmax(1) == target).sum())
+        total += len(target)
+    return {instance.name: 100.0 * c / total for instance, c in zip(instances, correct)}
+
+
+def finish_sdpoint(model: SDPointResNet, train_loader: DataLoader, val_set: Dataset, device: torch.device,
+                   config: Dict[str, Any], args) -> Dict[str, float]:
+    """The authors' last step before evaluating an SDPoint network: batch-norm statistics re-estimated for every
+    instance on training images (``dynzoo.sdpoint.recalibrate_bn``, ``--recalibrate-batches`` batches, stored in the
+    model), then every instance evaluated on the whole validation set."""
+    with _autocast(config['amp'], device):
+        recalibrate_bn(model, train_loader, num_batches=args.recalibrate_batches)
+    val_loader = _loader(val_set, device, args.workers, batch_size=config['batch_size'] * 2)
+    return evaluate_instances(model, val_loader, device, config)
+
+
 def _parse_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
     kwargs = {}
     for item in items or []:
@@ -400,6 +432,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                         help='DDP: allow parameters without gradient (automatic for losses with parameters)')
     parser.add_argument('--export', default=None, help='Hub-ready folder written at the end (OUTPUT/pretrained)')
     parser.add_argument('--export-name', default=None, help='published name, e.g. msdnet_cifar_b7.c10')
+    parser.add_argument('--recalibrate-batches', type=int, default=100,
+                        help='SDPoint: training batches per instance for the final batch-norm recalibration')
     parser.add_argument('--export-dtype', default='float32', choices=('float32', 'float16'))
     parser.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
 
@@ -563,6 +597,11 @@ def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, A
     record['train_time_s'] = round(train_time, 1)
     if dist_info.is_main:
         _atomic_write(output / 'log.json', lambda f: f.write(json.dumps(record, indent=1).encode()))
+        per_instance = None
+        if isinstance(model, SDPointResNet):
+            per_instance = finish_sdpoint(model, train_loader, val_set, dist_info.device, config, args)
+            accuracy = [per_instance[NIL.name]]
+            print('per-instance val top-1: ' + ', '.join(f'{k} {v:.2f}' for k, v in per_instance.items()))
         if accuracy is None:
             accuracy = evaluate(model, val_loader, dist_info, config)
         export = Path(args.export) if args.export else output / 'pretrained'
@@ -573,7 +612,8 @@ def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, A
             accuracy_dataset=f'{args.dataset} {"test" if _is_cifar(args.dataset) else "val"} ({len(val_set)} images)',
             training=dict(recipe, trainer='dynzoo.train', processes=dist_info.world_size,
                           train_time_h=round(train_time / 3600, 2)),
-            dtype=getattr(torch, args.export_dtype), data_config=_normalization(val_set))
+            dtype=getattr(torch, args.export_dtype), data_config=_normalization(val_set),
+            per_instance_accuracy=per_instance)
         print(f'done: per-exit val top-1 {[round(a, 2) for a in accuracy]}; Hub-ready weights in {export}')
     elif accuracy is None:
         evaluate(model, val_loader, dist_info, config)  # rank 0 evaluates collectively: join it
