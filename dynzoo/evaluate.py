@@ -10,7 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -75,26 +75,34 @@ class ResultTable:
 
     def plot(self, path, label: Optional[str] = None) -> Path:
         """Save a PNG of ``y`` (accuracy) against ``x`` (FLOPs, in millions) with matplotlib."""
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        is_accuracy = self.y in ('top1', 'top5', 'accuracy')
-        ax.plot(np.asarray(self.column(self.x), dtype=float) / 1e6,
-                np.asarray(self.column(self.y), dtype=float) * (100 if is_accuracy else 1e-6),
-                marker='o', label=label or self.meta.get('model'))
-        ax.set_xlabel(f'{self.x} (MFLOPs, multiply-adds)')
-        ax.set_ylabel(f'{self.y} (%)' if is_accuracy else f'{self.y} (M)')
-        ax.set_title(self.title, fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[1]:
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return plot_tables([self], path, self.title, labels=[label] if label else None)
+
+
+def plot_tables(tables: Sequence[ResultTable], path, title: str, labels: Optional[Sequence[str]] = None) -> Path:
+    """One PNG with a curve per table (``y`` against ``x``, FLOPs in millions), labelled by model by default: e.g.
+    the budgeted-batch curves of a network and its baseline."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, table in enumerate(tables):
+        is_accuracy = table.y in ('top1', 'top5', 'accuracy')
+        ax.plot(np.asarray(table.column(table.x), dtype=float) / 1e6,
+                np.asarray(table.column(table.y), dtype=float) * (100 if is_accuracy else 1e-6),
+                marker='o', markersize=3, label=labels[i] if labels else table.meta.get('model'))
+    first = tables[0]
+    ax.set_xlabel(f'{first.x} (MFLOPs, multiply-adds)')
+    ax.set_ylabel(f'{first.y} (%)' if first.y in ('top1', 'top5', 'accuracy') else f'{first.y} (M)')
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -201,9 +209,11 @@ def _loader(dataset: Dataset, args) -> DataLoader:
 
 
 def _split_heldout_test(args, transform, holdout: int, seed: int = 0) -> Tuple[Dataset, Dataset]:
-    """Held-out split for threshold fitting and test split: the embedded sample is cut in two (seeded); otherwise
-    ``holdout`` training images (MSDNet: 5,000) against the test split, all with evaluation preprocessing."""
-    if args.data == 'sample':
+    """Held-out split for threshold fitting and test split, all with evaluation preprocessing: ``holdout`` training
+    images (MSDNet: 5,000, which its authors leave out of training) against the test split; or, with
+    ``--heldout-from test`` and for the embedded sample, a seeded cut of the test split in two (for weights trained
+    on every training image)."""
+    if args.data == 'sample' or getattr(args, 'heldout_from', 'train') == 'test':
         test = _dataset(args, 'test', transform)
         test_index, heldout_index = holdout_indices(len(test), min(holdout, len(test) // 2), seed)
         return Subset(test, heldout_index.tolist()), _limited(Subset(test, test_index.tolist()), args.limit)
@@ -217,6 +227,12 @@ def _save(table: ResultTable, out: Optional[str], stem: str) -> None:
         json_path = table.to_json(Path(out) / f'{stem}.json')
         png_path = table.plot(Path(out) / f'{stem}.png')
         print(f'saved {json_path} and {png_path}')
+
+
+def _plot_together(tables: Sequence[ResultTable], out: Optional[str], stem: str) -> None:
+    if out and len(tables) > 1:
+        title = tables[0].title.split(':')[0] + ': ' + ' vs '.join(t.meta['model'] for t in tables)
+        print(f'saved {plot_tables(tables, Path(out) / f"{stem}.png", title)}')
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -258,13 +274,17 @@ def run_bench(args) -> List[ResultTable]:
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``dynzoo eval MODEL --mode anytime|budget|early-exit``."""
-    parser.add_argument('model', help='dynzoo model name')
+    """``dynzoo eval MODEL [MODEL ...] --mode anytime|budget|early-exit``."""
+    parser.add_argument('models', nargs='+', help='dynzoo model names; several are evaluated on the same images '
+                                                  'and, with --out, plotted together')
     parser.add_argument('--mode', choices=('anytime', 'budget', 'early-exit'), default='anytime',
                         help='anytime: every exit on every image; budget: MSDNet budgeted batch (thresholds fitted '
                              'on a held-out split, q = p/20); early-exit: real early exit at given operating points')
     parser.add_argument('--holdout', type=int, default=5000,
                         help='held-out images for threshold fitting (training split; half the sample at most)')
+    parser.add_argument('--heldout-from', choices=('train', 'test'), default='train',
+                        help='take the held-out images from the training split (the MSDNet protocol, for weights '
+                             'trained without them) or from the test split (evaluating on the rest)')
     parser.add_argument('--q', type=float, nargs='+', default=[0.25, 0.5, 1.0, 2.0],
                         help='early-exit: geometric exit distributions to fit thresholds for')
     parser.add_argument('--thresholds', type=float, nargs='+', default=None,
@@ -273,21 +293,27 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run_eval(args) -> ResultTable:
+def run_eval(args) -> List[ResultTable]:
+    """One table per model; with ``--out``, ``MODE.json``/``.png`` for one model, ``MODE_NAME.json``/``.png`` per model
+    and ``MODE.png`` with every curve for several."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _build_model(args, args.model)
-    transform = eval_transform(model)
-    if args.mode == 'anytime':
-        loader = _loader(_limited(_dataset(args, 'test', transform), args.limit), args)
-        table = evaluate_anytime(model, loader, progress=True)
-    elif args.mode == 'budget':
-        table = _eval_budget(model, args, transform)
-    else:
-        table = _eval_early_exit(model, args, transform)
-    print(table)
-    _save(table, args.out, args.mode)
-    return table
+    tables = []
+    for name in args.models:
+        model = _build_model(args, name)
+        transform = eval_transform(model)
+        if args.mode == 'anytime':
+            loader = _loader(_limited(_dataset(args, 'test', transform), args.limit), args)
+            table = evaluate_anytime(model, loader, progress=True)
+        elif args.mode == 'budget':
+            table = _eval_budget(model, args, transform)
+        else:
+            table = _eval_early_exit(model, args, transform)
+        print(table)
+        _save(table, args.out, args.mode if len(args.models) == 1 else f'{args.mode}_{name}')
+        tables.append(table)
+    _plot_together(tables, args.out, args.mode)
+    return tables
 
 
 def _eval_budget(model, args, transform) -> ResultTable:

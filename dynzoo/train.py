@@ -434,6 +434,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--export-name', default=None, help='published name, e.g. msdnet_cifar_b7.c10')
     parser.add_argument('--recalibrate-batches', type=int, default=100,
                         help='SDPoint: training batches per instance for the final batch-norm recalibration')
+    parser.add_argument('--export-note', default=None,
+                        help='a line about the run for the model card (e.g. what it was fine-tuned from)')
     parser.add_argument('--export-dtype', default='float32', choices=('float32', 'float16'))
     parser.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
 
@@ -611,7 +613,8 @@ def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, A
             model.eval(), export, model_name=args.export_name, per_exit_accuracy=accuracy,
             accuracy_dataset=f'{args.dataset} {"test" if _is_cifar(args.dataset) else "val"} ({len(val_set)} images)',
             training=dict(recipe, trainer='dynzoo.train', processes=dist_info.world_size,
-                          train_time_h=round(train_time / 3600, 2)),
+                          train_time_h=round(train_time / 3600, 2),
+                          **({'note': args.export_note} if args.export_note else {})),
             dtype=getattr(torch, args.export_dtype), data_config=_normalization(val_set),
             per_instance_accuracy=per_instance)
         print(f'done: per-exit val top-1 {[round(a, 2) for a in accuracy]}; Hub-ready weights in {export}')

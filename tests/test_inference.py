@@ -177,16 +177,25 @@ def _parse(add_args, argv):
 
 
 def test_cli_eval_and_bench_smoke(tmp_path, capsys):
-    table = run_eval(_parse(add_eval_args, ['msdnet_cifar_b7', '--limit', '4', '--batch-size', '4',
-                                            '--out', str(tmp_path)]))
+    table, = run_eval(_parse(add_eval_args, ['msdnet_cifar_b7', '--limit', '4', '--batch-size', '4',
+                                             '--out', str(tmp_path)]))
     saved = json.loads((tmp_path / 'anytime.json').read_text())
     assert [row['flops_cascade'] for row in saved['rows']] == MSDNET_CIFAR_B7_CASCADE
     assert saved['meta']['num_samples'] == 4 and len(table) == 7
     assert (tmp_path / 'anytime.png').read_bytes()[:4] == b'\x89PNG'
-    table = run_eval(_parse(add_eval_args, ['msdnet_cifar_b7', '--mode', 'early-exit', '--q', '0.5', '2',
-                                            '--holdout', '8', '--limit', '8', '--batch-size', '8']))
+    table, = run_eval(_parse(add_eval_args, ['msdnet_cifar_b7', '--mode', 'early-exit', '--q', '0.5', '2',
+                                             '--holdout', '8', '--limit', '8', '--batch-size', '8']))
     assert [row['q'] for row in table.rows] == [0.5, 2.0]
     assert table.rows[0]['mean_flops'] < table.rows[1]['mean_flops'] <= MSDNET_CIFAR_B7_CASCADE[-1]
+    budget = tmp_path / 'budget'
+    tables = run_eval(_parse(add_eval_args, ['msdnet_cifar_lin5', 'resnet_mc_cifar', '--mode', 'budget', '--data',
+                                             'sample', '--holdout', '20', '--limit', '20', '--batch-size', '20',
+                                             '--out', str(budget)]))
+    assert [t.meta['model'] for t in tables] == ['msdnet_cifar_lin5', 'resnet_mc_cifar']
+    assert len(tables[0].rows) == len(tables[1].rows) == 39  # q = p/20, p = 1..39
+    assert sorted(p.name for p in budget.iterdir()) == [
+        'budget.png', 'budget_msdnet_cifar_lin5.json', 'budget_msdnet_cifar_lin5.png', 'budget_resnet_mc_cifar.json',
+        'budget_resnet_mc_cifar.png']
     tables = run_bench(_parse(add_bench_args, ['scan_resnet18', '--no-accuracy', '--out', str(tmp_path)]))
     cascade, lazy = tables[0].column('flops_cascade'), tables[0].column('flops_lazy')
     assert len(cascade) == 4 and cascade == sorted(cascade) and all(l <= c for l, c in zip(lazy, cascade))

@@ -212,7 +212,7 @@ def test_sdpoint_run_ends_with_per_instance_batch_norm_and_accuracy(tmp_path):
     output = tmp_path / 'sdpoint'
     dtrain.run_train(_args('--model', 'sdpoint_preresnet_cifar', *FAST, '--preset', 'fast_cifar', '--epochs', '1',
                            '--warmup-epochs', '0', '--recalibrate-batches', '2', '--no-channels-last',
-                           '--output', output))
+                           '--export-note', 'a test run', '--output', output))
     config = json.loads((output / 'pretrained' / 'config.json').read_text())
     model = dynzoo.create_model('sdpoint_preresnet_cifar')
     rows = config['dynzoo']['instances']
@@ -222,7 +222,7 @@ def test_sdpoint_run_ends_with_per_instance_batch_norm_and_accuracy(tmp_path):
     assert min(r['macs'] for r in rows) < 0.5 * rows[0]['macs']  # the stem point at ratio 0.5
     assert all(0 <= r['top1'] <= 100 for r in rows)
     card = (output / 'pretrained' / 'README.md').read_text()
-    assert '## Per-instance cost and accuracy' in card and '| p9_r050 |' in card
+    assert '## Per-instance cost and accuracy' in card and '| p9_r050 |' in card and '- note: a test run' in card
     trained = dynzoo.create_model('sdpoint_preresnet_cifar', pretrained=True, pretrained_cfg_overlay=dict(
         file=str(output / 'pretrained' / 'model.safetensors'))).eval()
     stats = [trained.bn_stats(i) for i in trained.instances()]

@@ -3,6 +3,7 @@ CIFAR-10 test sample embedded in the package."""
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -38,3 +39,9 @@ def test_shipped_weights_load_and_match_their_card(name):
     for measured, reported in zip(sample_top1, card['per_exit_accuracy']):
         assert measured >= reported - MARGIN, (sample_top1, card['per_exit_accuracy'])
     assert min(sample_top1) > 50  # chance is 10%
+
+    for row in card.get('instances', []):  # SDPoint: every instance, with its own stored batch-norm statistics
+        with torch.no_grad():
+            instance = next(i for i in model.instances() if i.name == row['instance'])
+            correct = sum(int((model(x, instance=instance).argmax(1) == y).sum()) for x, y in loader)
+        assert 100.0 * correct / len(loader.dataset) >= row['top1'] - MARGIN, row
