@@ -233,8 +233,10 @@ def build_datasets(args, config) -> Tuple[Dataset, Dataset]:
         source = args.data_source or ('npz' if args.data_path else 'torchvision')
         common = dict(source=source, root=args.data_root, path=args.data_path, name=args.dataset,
                       download=args.download)
-        return (data.cifar_dataset('train', transform=train_tf, **common),
-                data.cifar_dataset('test', transform=eval_tf, **common))
+        train_set = data.cifar_dataset('train', transform=train_tf, **common)
+        if args.holdout:  # the images `dynzoo eval --mode budget --holdout N` fits its thresholds on
+            train_set = Subset(train_set, data.holdout_indices(len(train_set), args.holdout)[0].tolist())
+        return train_set, data.cifar_dataset('test', transform=eval_tf, **common)
     if args.dataset == 'imagefolder':
         if not args.data_root:
             raise ValueError('--dataset imagefolder needs --data-root <folder with train/ and val/>')
@@ -432,6 +434,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                         help='DDP: allow parameters without gradient (automatic for losses with parameters)')
     parser.add_argument('--export', default=None, help='Hub-ready folder written at the end (OUTPUT/pretrained)')
     parser.add_argument('--export-name', default=None, help='published name, e.g. msdnet_cifar_b7.c10')
+    parser.add_argument('--holdout', type=int, default=0,
+                        help='CIFAR: leave out the N training images that `dynzoo eval --mode budget --holdout N` '
+                             'fits its early-exit thresholds on (MSDNet: 5000)')
     parser.add_argument('--recalibrate-batches', type=int, default=100,
                         help='SDPoint: training batches per instance for the final batch-norm recalibration')
     parser.add_argument('--export-note', default=None,
@@ -613,7 +618,7 @@ def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, A
             model.eval(), export, model_name=args.export_name, per_exit_accuracy=accuracy,
             accuracy_dataset=f'{args.dataset} {"test" if _is_cifar(args.dataset) else "val"} ({len(val_set)} images)',
             training=dict(recipe, trainer='dynzoo.train', processes=dist_info.world_size,
-                          train_time_h=round(train_time / 3600, 2),
+                          train_time_h=round(train_time / 3600, 2), train_images=len(train_set),
                           **({'note': args.export_note} if args.export_note else {})),
             dtype=getattr(torch, args.export_dtype), data_config=_normalization(val_set),
             per_instance_accuracy=per_instance)

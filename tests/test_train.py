@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -227,3 +228,23 @@ def test_sdpoint_run_ends_with_per_instance_batch_norm_and_accuracy(tmp_path):
         file=str(output / 'pretrained' / 'model.safetensors'))).eval()
     stats = [trained.bn_stats(i) for i in trained.instances()]
     assert all(s is not None for s in stats) and not torch.equal(stats[0], stats[-1])
+
+
+def test_holdout_leaves_out_the_images_budgeted_evaluation_fits_on(monkeypatch):
+    from dynzoo import data, evaluate
+    images = np.zeros((100, 32, 32, 3), dtype=np.uint8)
+    def fake_cifar(split, transform=None, **kwargs):  # labels are the image indices
+        return data.ArrayDataset(images, np.arange(100) if split == 'train' else np.zeros(100, dtype=np.int64),
+                                 transform=transform)
+
+    monkeypatch.setattr(data, 'cifar_dataset', fake_cifar)
+    monkeypatch.setattr(evaluate, 'cifar_dataset', fake_cifar)
+    args = _args('--model', 'msdnet_cifar_b7', '--dataset', 'cifar10', '--data-path', 'unused.npz', '--holdout', '20',
+                 '--output', 'unused')
+    train_set, _ = dtrain.build_datasets(args, dtrain.resolve_config(args))
+    eval_args = argparse.Namespace(data='npz', data_root=None, data_path='unused.npz', dataset='cifar10',
+                                   download=False, limit=None, heldout_from='train')
+    heldout, _ = evaluate._split_heldout_test(eval_args, None, 20)
+    trained_on = {int(train_set[i][1]) for i in range(len(train_set))}
+    fitted_on = {int(heldout[i][1]) for i in range(len(heldout))}
+    assert len(trained_on) == 80 and len(fitted_on) == 20 and trained_on.isdisjoint(fitted_on)
