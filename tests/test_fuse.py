@@ -65,17 +65,18 @@ def test_training_mode_is_refused():
         fused.train()(torch.randn(2, 3, 32, 32))
 
 
-def test_early_exit_on_fused_model_equals_unfused():
+@pytest.mark.parametrize('speed_up', [fuse_conv_bn, optimize_for_inference])
+def test_early_exit_on_faster_model_equals_plain(speed_up):
     model = _model_with_running_stats('msdnet_cifar_b7').double()
-    fused = fuse_conv_bn(model)
+    fast = speed_up(model)
     x_val, x_test = torch.randn(2, 16, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with torch.no_grad():
         thresholds = fit_thresholds(model(x_val), geometric_fractions(0.5, model.num_exits))
-    plain, folded = early_exit(model, x_test, thresholds), early_exit(fused, x_test, thresholds)
-    assert torch.equal(folded.predictions, plain.predictions) and torch.equal(folded.exits, plain.exits)
-    assert folded.samples_per_stage == plain.samples_per_stage and len(set(plain.exits.tolist())) > 2
-    assert folded.flops == plain.flops  # folding adds no counted multiply-adds
-    everyone_to_the_end = early_exit(fused, x_test, [NEVER] * (model.num_exits - 1))
+    plain, faster = early_exit(model, x_test, thresholds), early_exit(fast, x_test, thresholds)
+    assert torch.equal(faster.predictions, plain.predictions) and torch.equal(faster.exits, plain.exits)
+    assert faster.samples_per_stage == plain.samples_per_stage and len(set(plain.exits.tolist())) > 2
+    assert faster.flops == plain.flops  # folding and matmuls add no counted multiply-adds
+    everyone_to_the_end = early_exit(fast, x_test, [NEVER] * (model.num_exits - 1))
     with torch.no_grad():
         assert torch.equal(everyone_to_the_end.predictions, model(x_test)[-1].argmax(1))
     assert everyone_to_the_end.samples_per_stage == [16] * model.num_exits
@@ -116,13 +117,3 @@ def test_pointwise_conv_equals_conv_in_both_memory_formats():
     assert not PointwiseConv.applies_to(nn.Conv2d(8, 8, 1, groups=2))
     assert not PointwiseConv.applies_to(nn.Conv2d(8, 5, 3))
 
-
-def test_early_exit_on_optimized_model_equals_plain():
-    model = _model_with_running_stats('msdnet_cifar_b7').double()
-    optimized = optimize_for_inference(model)
-    x_val, x_test = torch.randn(2, 16, 3, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    with torch.no_grad():
-        thresholds = fit_thresholds(model(x_val), geometric_fractions(0.5, model.num_exits))
-    plain, fast = early_exit(model, x_test, thresholds), early_exit(optimized, x_test, thresholds)
-    assert torch.equal(fast.predictions, plain.predictions) and torch.equal(fast.exits, plain.exits)
-    assert len(set(plain.exits.tolist())) > 2 and fast.flops == plain.flops
