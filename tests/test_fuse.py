@@ -116,4 +116,3 @@ def test_pointwise_conv_equals_conv_in_both_memory_formats():
     assert not PointwiseConv.applies_to(nn.Conv2d(8, 5, 1, stride=2))
     assert not PointwiseConv.applies_to(nn.Conv2d(8, 8, 1, groups=2))
     assert not PointwiseConv.applies_to(nn.Conv2d(8, 5, 3))
-
