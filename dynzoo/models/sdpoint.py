@@ -50,7 +50,7 @@ from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._helpers import check_state_dict, init_he_fan_out, unwrap_state_dict
+from ._helpers import check_state_dict, init_he_fan_out, unwrap_state_dict, untagged_default
 
 __all__ = ['SDPointResNet', 'Instance', 'RATIOS', 'sdpoint_checkpoint_filter']
 
@@ -487,7 +487,7 @@ def _cfg(url: str = '', **kwargs):
     }
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = untagged_default(generate_default_cfgs({
     'sdpoint_resnet18': _cfg(),
     'sdpoint_resnet34': _cfg(),
     'sdpoint_resnet50': _cfg(),
@@ -503,7 +503,10 @@ default_cfgs = generate_default_cfgs({
     'sdpoint_preresnet200': _cfg(),
     'sdpoint_preresnet_cifar': _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
                                     mean=CIFAR10_MEAN, std=CIFAR10_STD),
-})
+    'sdpoint_preresnet_cifar.c10': _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
+                                        mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                                        hf_hub_id='dynzoo/sdpoint_preresnet_cifar.c10'),
+}))
 
 
 @register_model
