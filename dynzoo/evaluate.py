@@ -213,7 +213,7 @@ def _split_heldout_test(args, transform, holdout: int, seed: int = 0) -> Tuple[D
     images (MSDNet: 5,000, which its authors leave out of training) against the test split; or, with
     ``--heldout-from test`` and for the embedded sample, a seeded cut of the test split in two (for weights trained
     on every training image)."""
-    if args.data == 'sample' or getattr(args, 'heldout_from', 'train') == 'test':
+    if args.data == 'sample' or args.heldout_from == 'test':
         test = _dataset(args, 'test', transform)
         test_index, heldout_index = holdout_indices(len(test), min(holdout, len(test) // 2), seed)
         return Subset(test, heldout_index.tolist()), _limited(Subset(test, test_index.tolist()), args.limit)

@@ -326,15 +326,21 @@ def _as_exits(outputs) -> List[torch.Tensor]:
     return [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
 
 
+def _eval_batches(loader: DataLoader, device: torch.device, config: Dict[str, Any]):
+    """``(images, target)`` on ``device``, images in the run's memory format."""
+    for images, target in loader:
+        images, target = images.to(device), target.to(device)
+        if config['channels_last']:
+            images = images.contiguous(memory_format=torch.channels_last)
+        yield images, target
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, dist_info: _Distributed, config: Dict[str, Any]) -> List[float]:
     """Top-1 (%) of every exit over the whole validation set (counts summed across processes)."""
     model.eval()
     correct, total = None, 0
-    for images, target in loader:
-        images, target = images.to(dist_info.device), target.to(dist_info.device)
-        if config['channels_last']:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for images, target in _eval_batches(loader, dist_info.device, config):
         with _autocast(config['amp'], dist_info.device):
             exits = _as_exits(model(images))
         hits = [int((logits.argmax(1) == target).sum()) for logits in exits]
@@ -351,10 +357,7 @@ def evaluate_instances(model: nn.Module, loader: DataLoader, device: torch.devic
     model.eval()
     instances = model.instances()
     correct, total = [0] * len(instances), 0
-    for images, target in loader:
-        images, target = images.to(device), target.to(device)
-        if config['channels_last']:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for images, target in _eval_batches(loader, device, config):
         with _autocast(config['amp'], device):
             for i, instance in enumerate(instances):
                 correct[i] += int((model(images, instance=instance).argmax(1) == target).sum())
