@@ -9,11 +9,12 @@ FLOPs and time that comes from stages differing in time per FLOP, not from early
 
 Each ``--variants`` entry times its own copy of the model, the same one for early exit and full forward: ``plain``;
 ``fused`` (``dynzoo.models.fuse_conv_bn``: BatchNorm folded into the convs, inference only);
-``fused_channels_last`` (fused, model and batch in channels-last memory format; ``select_batch`` returns the kept
-samples in the default layout, so every stage after an exit first converts them back); ``optimized``
-(``dynzoo.optimize_for_inference``: fused, 1x1 convolutions as batched matrix products, dense layers growing their
-feature maps in place). Thresholds and FLOPs come
-from the plain model for every variant.
+``fused_channels_last`` (fused, model and batch in channels-last memory format, which ``select_batch`` keeps);
+``optimized`` (``dynzoo.optimize_for_inference``: fused, 1x1 convolutions as batched matrix products, dense layers
+growing their feature maps in place). Thresholds and FLOPs come from the plain model for every variant.
+``--allocator retain`` first calls ``dynzoo.inference.retain_freed_memory()``
+(see its docstring: without it every forward page-faults its large feature maps anew, which costs MSDNet's 32x32
+stages far more time than their multiply-adds).
 
     python benchmarks/early_exit.py --data npz --data-path ../shared/data/cifar10_jpeg.npz --batch-size 256
 
@@ -30,7 +31,8 @@ from torch.utils.data import DataLoader, Subset
 import dynzoo
 from dynzoo.data import cifar_dataset, holdout_indices
 from dynzoo.evaluate import collect_logits, eval_transform
-from dynzoo.inference import early_exit, fit_thresholds, geometric_fractions, simulate_early_exit
+from dynzoo.inference import (early_exit, fit_thresholds, geometric_fractions, retain_freed_memory,
+                              simulate_early_exit)
 from dynzoo.models import fuse_conv_bn, optimize_for_inference
 
 DEFAULT_NPZ = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10_jpeg.npz'
@@ -54,6 +56,9 @@ def parse_args():
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=['plain', 'fused', 'optimized'],
                         help='model variants to time (each against its own full forward)')
+    parser.add_argument('--allocator', choices=('default', 'retain'), default='default',
+                        help="retain: dynzoo.inference.retain_freed_memory() (glibc keeps freed memory, no page "
+                             "faults on reused feature maps); default: the C library's own behaviour")
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--seed', type=int, default=0)
     return parser.parse_args()
@@ -94,6 +99,8 @@ def stage_seconds(model, x):
 
 def main():
     args = parse_args()
+    if args.allocator == 'retain' and not retain_freed_memory():
+        raise SystemExit('--allocator retain needs glibc (Linux)')
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     kwargs = dict(pretrained_cfg_overlay=dict(file=args.checkpoint)) if args.checkpoint else dict(num_classes=10)
@@ -113,7 +120,7 @@ def main():
     points = sorted(set(args.q) | {target_q})
 
     print(f'{args.model}, {source} CIFAR-10, batch {len(labels)}, {args.threads} CPU thread(s), '
-          f'best of {args.repeats}; thresholds fitted on {len(heldout)} held-out images; '
+          f'best of {args.repeats}, {args.allocator} allocator; thresholds fitted on {len(heldout)} held-out images; '
           f'full model {full_flops / 1e6:.2f} MFLOPs (fvcore cascade, all exits)')
     rows = []
     for variant in args.variants:

@@ -16,6 +16,8 @@
   most the epoch in progress. ``log.json`` records the run; at the end the model is exported Hub-ready
   (``dynzoo.hub.save_pretrained``) with its per-exit validation accuracy; SDPoint networks first get batch-norm
   statistics re-estimated per instance and every instance evaluated, as their authors do.
+* On CPU the process keeps freed memory for reuse (``dynzoo.inference.retain_freed_memory``) instead of
+  page-faulting every step's activations anew.
 """
 import argparse
 import inspect
@@ -43,6 +45,7 @@ from tqdm import tqdm
 from . import data, losses
 from .factory import create_model, is_dynzoo_model
 from .hub import load_checkpoint_file, save_pretrained
+from .inference import retain_freed_memory
 from .models import MultiExitNetwork
 from .models.sdpoint import NIL, SDPointResNet
 from .sdpoint import recalibrate_bn
@@ -463,6 +466,8 @@ def run_train(args) -> Dict[str, Any]:
     """Train as ``args`` say; returns the run record written to ``log.json`` (rank 0; other ranks: their view)."""
     config = resolve_config(args)
     dist_info = _Distributed(args.device)
+    if dist_info.device.type == 'cpu':
+        retain_freed_memory()
     try:
         return _train(args, config, dist_info)
     finally:

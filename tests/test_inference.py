@@ -2,6 +2,9 @@
 import argparse
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -207,3 +210,22 @@ def test_early_exit_refuses_training_mode():
     model = dynzoo.create_model('msdnet_cifar_lin5', num_classes=10).train()
     with pytest.raises(ValueError, match='eval mode'):
         early_exit(model, torch.zeros(2, 3, 32, 32), [0.5] * 5)
+
+
+def test_retain_freed_memory_stops_page_faults_of_reused_blocks():
+    """A freed 64 MiB block comes back without touching new pages once retain_freed_memory() is on (glibc's default
+    unmaps it, and refilling it faults ~16k pages). Each case runs in its own process: the setting is global."""
+    script = textwrap.dedent('''
+        import resource, sys, torch
+        from dynzoo.inference import retain_freed_memory
+        if sys.argv[1] == 'retain':
+            assert retain_freed_memory()
+        torch.empty(2 ** 24).fill_(1.0)  # 64 MiB, freed at once
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(2 ** 24).fill_(1.0)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    ''')
+    faults = {mode: int(subprocess.run([sys.executable, '-c', script, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ('default', 'retain')}
+    assert faults['default'] > 10000
+    assert faults['retain'] < 1000

@@ -38,7 +38,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._exits import MultiExitNetwork
-from ._helpers import make_checkpoint_filter
+from ._helpers import make_checkpoint_filter, untagged_default
 
 __all__ = ['DenseNet', 'DenseNetMC', 'DenseLayer', 'checkpoint_filter_fn']
 
@@ -405,19 +405,20 @@ def _cifar_cfg(**kwargs):
                    'origin_url': 'https://github.com/gpleiss/efficient_densenet_pytorch', **kwargs})
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = untagged_default(generate_default_cfgs({
     'densenet_bc_121.tv_in1k': _tv_cfg('densenet_bc_121', 'densenet121-a639ec97.pth'),
     'densenet_bc_161.tv_in1k': _tv_cfg('densenet_bc_161', 'densenet161-8d451a50.pth'),
     'densenet_bc_169.tv_in1k': _tv_cfg('densenet_bc_169', 'densenet169-b2777c0a.pth'),
     'densenet_bc_201.tv_in1k': _tv_cfg('densenet_bc_201', 'densenet201-c1103571.pth'),
     'densenet_bc_264': _cfg(),
     'densenet_bc_100_k12': _cifar_cfg(),
+    'densenet_bc_100_k12.c10': _cifar_cfg(num_classes=10, hf_hub_id='dynzoo/densenet_bc_100_k12.c10'),
     'densenet_bc_250_k24': _cifar_cfg(),
     'densenet_bc_190_k40': _cifar_cfg(),
     'densenet_bc_100_k12_mc': _cifar_cfg(
         classifier=tuple(f'heads.{k}.fc' for k in range(3)), paper_ids='arXiv:1703.09844',
         paper_name='Multi-Scale Dense Networks for Resource Efficient Image Classification (DenseNet^MC baseline)'),
-})
+}))
 
 _CIFAR_ARGS = dict(stem='cifar', bn_size=4, compression=0.5)
 

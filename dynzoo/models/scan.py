@@ -33,7 +33,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ._exits import MultiExitNetwork
-from ._helpers import init_he_fan_out, make_checkpoint_filter
+from ._helpers import init_he_fan_out, make_checkpoint_filter, untagged_default
 
 __all__ = ['ScanResNet', 'SepConv']
 
@@ -244,11 +244,11 @@ def _cfg(**kwargs):
     }
 
 
-def _scan_cfg():
+def _scan_cfg(**kwargs):
     return _cfg(
         paper_ids='arXiv:1906.03951',
         paper_name='SCAN: A Scalable Neural Networks Framework Towards Compact and Efficient Models',
-        origin_url='https://github.com/ArchipLab-LinfengZhang/pytorch-scalable-neural-networks')
+        origin_url='https://github.com/ArchipLab-LinfengZhang/pytorch-scalable-neural-networks', **kwargs)
 
 
 def _byot_cfg():
@@ -266,10 +266,11 @@ _DEPTHS = {
     152: (Bottleneck, (3, 8, 36, 3)),
 }
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = untagged_default(generate_default_cfgs({
     **{f'scan_resnet{depth}': _scan_cfg() for depth in _DEPTHS},
+    'scan_resnet18.c10': _scan_cfg(num_classes=10, hf_hub_id='dynzoo/scan_resnet18.c10'),
     **{f'byot_resnet{depth}': _byot_cfg() for depth in _DEPTHS},
-})
+}))
 
 
 def _build(head_type: str, depth: int, pretrained: bool, kwargs) -> ScanResNet:
