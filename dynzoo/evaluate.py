@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .data import CIFAR_NUM_CLASSES, cifar_dataset, holdout_indices
 from .factory import create_model
 from .flops import per_exit_flops, per_exit_params, per_exit_table
-from .inference import early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions
+from .inference import early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions, retain_freed_memory
 
 __all__ = ['ResultTable', 'collect_logits', 'evaluate_anytime', 'eval_transform', 'add_bench_args', 'run_bench',
            'add_eval_args', 'run_eval']
@@ -150,7 +150,10 @@ def evaluate_anytime(model, loader, progress: bool = False) -> ResultTable:
 
 
 def _model_name(model) -> str:
-    return (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', type(model).__name__)
+    """The registered name, with its pretrained tag (``msdnet_cifar_b7.c10``) when the model has one."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    name = cfg.get('architecture', type(model).__name__)
+    return f"{name}.{cfg['tag']}" if cfg.get('tag') else name
 
 
 def eval_transform(model):
@@ -249,6 +252,7 @@ def run_bench(args) -> List[ResultTable]:
     chosen data. Random weights get no accuracy column: it would only measure chance."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    retain_freed_memory()
     tables = []
     for name in args.models:
         has_weights = bool(args.pretrained or args.checkpoint)
@@ -295,9 +299,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_eval(args) -> List[ResultTable]:
     """One table per model; with ``--out``, ``MODE.json``/``.png`` for one model, ``MODE_NAME.json``/``.png`` per model
-    and ``MODE.png`` with every curve for several."""
+    and ``MODE.png`` with every curve for several. The process keeps freed memory (``retain_freed_memory``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    retain_freed_memory()
     tables = []
     for name in args.models:
         model = _build_model(args, name)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dynzoo
-from dynzoo.evaluate import add_bench_args, add_eval_args, run_bench, run_eval
+from dynzoo.evaluate import _model_name, add_bench_args, add_eval_args, run_bench, run_eval
 from dynzoo.inference import (ALWAYS, NEVER, early_exit, evaluate_budgeted, fit_thresholds, genetic_threshold_search,
                               geometric_fractions, scan_predict, simulate_early_exit)
 
@@ -204,6 +204,11 @@ def test_cli_eval_and_bench_smoke(tmp_path, capsys):
     assert len(cascade) == 4 and cascade == sorted(cascade) and all(l <= c for l, c in zip(lazy, cascade))
     assert json.loads((tmp_path / 'bench_scan_resnet18.json').read_text())['rows'][-1]['flops_cascade'] == cascade[-1]
     assert 'bench: scan_resnet18' in capsys.readouterr().out
+
+
+def test_tables_name_models_with_their_tag():
+    assert _model_name(dynzoo.create_model('resnet_mc_cifar.c10')) == 'resnet_mc_cifar.c10'
+    assert _model_name(dynzoo.create_model('resnet_mc_cifar')) == 'resnet_mc_cifar'
 
 
 def test_early_exit_refuses_training_mode():
