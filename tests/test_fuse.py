@@ -5,7 +5,9 @@ from torch import nn
 
 import dynzoo
 from dynzoo.inference import NEVER, early_exit, fit_thresholds, geometric_fractions
-from dynzoo.models import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference
+from dynzoo.models import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference, select_batch
+from dynzoo.models._exits import SPARE_CHANNELS
+from dynzoo.models.msdnet import SameScaleDenseLayer
 
 
 def _model_with_running_stats(name: str) -> nn.Module:
@@ -104,6 +106,23 @@ def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
     # with autograd on, the optimized layers fall back to torch.cat and gradients flow
     optimized(x.requires_grad_())[-1].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_selected_samples_keep_spare_channels_and_grow_in_place():
+    first, second = SameScaleDenseLayer(4, 3, False, 1).eval(), SameScaleDenseLayer(7, 3, False, 1).eval()
+    first.grow_in_place = second.grow_in_place = True
+    x = torch.randn(5, 4, 6, 6)
+    keep = torch.tensor([0, 3, 4])
+    with torch.no_grad():
+        grown = first(x)
+        selected = select_batch([grown], keep)[0]
+        assert torch.equal(selected, grown[keep])
+        buffer = selected.__dict__[SPARE_CHANNELS]
+        assert buffer.shape == (3, 14, 6, 6) and buffer.data_ptr() == selected.data_ptr()
+        assert SPARE_CHANNELS in grown.__dict__  # the original keeps its own buffer
+        appended = second(selected)
+        assert appended.data_ptr() == buffer.data_ptr()  # appended in place: no copy of the kept maps
+        assert torch.equal(appended, torch.cat([grown[keep], second.conv_normal(grown[keep])], 1))
 
 
 def test_pointwise_conv_equals_conv_in_both_memory_formats():

@@ -19,10 +19,23 @@ import torch
 from torch import nn
 
 
+# Attribute (in a tensor's ``__dict__``) naming the larger buffer whose first channels the tensor is a view of, with
+# the right to append channels in place there (MSDNet's ``concat_channels`` under ``optimize_for_inference``).
+SPARE_CHANNELS = '_dynzoo_spare_channels'
+
+
 def select_batch(state, index: torch.Tensor):
     """Keep the samples ``index`` of every tensor in a (nested list/tuple of) batch tensor(s), in the same memory
-    format (a channels-last model keeps running channels-last after samples leave)."""
+    format (a channels-last model keeps running channels-last after samples leave). A feature map with spare channels
+    (``SPARE_CHANNELS``) comes back as a view of a new buffer of the same capacity, so the next layer still appends
+    in place instead of copying the kept samples' maps a second time."""
     if isinstance(state, torch.Tensor):
+        spare = state.__dict__.get(SPARE_CHANNELS)
+        if spare is not None:
+            buffer = spare.new_empty((len(index), *spare.shape[1:]))
+            selected = torch.index_select(state, 0, index, out=buffer[:, :state.shape[1]])
+            selected.__dict__[SPARE_CHANNELS] = buffer
+            return selected
         channels_last = state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last)
         selected = torch.empty((len(index), *state.shape[1:]), dtype=state.dtype, device=state.device,
                                memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -21,7 +21,7 @@ from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._exits import MultiExitNetwork
+from ._exits import SPARE_CHANNELS, MultiExitNetwork
 from ._helpers import checkpoint_filter, init_he_fan_out, untagged_default
 
 __all__ = ['MSDNet']
@@ -66,9 +66,6 @@ class BottleneckConv(nn.Module):
         return self.net(x)
 
 
-_SPARE_CHANNELS = '_dynzoo_spare_channels'
-
-
 def concat_channels(tensors: Sequence[torch.Tensor], grow_in_place: bool) -> torch.Tensor:
     """``torch.cat(tensors, dim=1)``; with ``grow_in_place`` and autograd off, the result is a view of a buffer with
     spare channels after it, and the next call that appends to that view writes only its new channels there.
@@ -80,7 +77,7 @@ def concat_channels(tensors: Sequence[torch.Tensor], grow_in_place: bool) -> tor
         return torch.cat(tensors, dim=1)
     base = tensors[0]
     width = sum(t.shape[1] for t in tensors)
-    buffer = base.__dict__.pop(_SPARE_CHANNELS, None)
+    buffer = base.__dict__.pop(SPARE_CHANNELS, None)
     if buffer is None or buffer.shape[1] < width:
         n, c, h, w = base.shape
         buffer = base.new_empty((n, 2 * width, h, w))
@@ -90,7 +87,7 @@ def concat_channels(tensors: Sequence[torch.Tensor], grow_in_place: bool) -> tor
         buffer[:, offset:offset + t.shape[1]].copy_(t)
         offset += t.shape[1]
     out = buffer[:, :width]
-    out.__dict__[_SPARE_CHANNELS] = buffer
+    out.__dict__[SPARE_CHANNELS] = buffer
     return out
 
 
