@@ -1,6 +1,8 @@
 """The weights shipped in dynzoo/weights load offline, strictly, and reach their model card's accuracy on the
 CIFAR-10 test sample embedded in the package."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,3 +47,14 @@ def test_shipped_weights_load_and_match_their_card(name):
             instance = next(i for i in model.instances() if i.name == row['instance'])
             correct = sum(int((model(x, instance=instance).argmax(1) == y).sum()) for x, y in loader)
         assert 100.0 * correct / len(loader.dataset) >= row['top1'] - MARGIN, row
+
+
+def test_readme_weights_table_matches_the_cards():
+    """Every shipped checkpoint has a row in the README's trained-weights table with its card's top-1 per exit."""
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    rows = {m.group(1): [float(v) for v in m.group(2).split('|') if v.strip()]
+            for m in re.finditer(r'^\| `([\w.]+)` \([\d.]+M params\) \| top-1 \(%\) \|(.*)\|$', readme, re.M)}
+    assert set(rows) == set(SHIPPED)
+    for name, top1 in rows.items():
+        card = json.loads((PACKAGE_MIRROR / name / 'config.json').read_text())['dynzoo']
+        assert top1 == card['per_exit_accuracy'], name
