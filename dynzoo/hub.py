@@ -8,6 +8,8 @@
   ``config.json``, the Hub's own repository layout); the weights shipped in this package
   (``dynzoo/weights/<architecture>.<tag>/``, the ``dynzoo`` organisation only); then huggingface_hub's normal
   download and cache (which also works offline, ``HF_HUB_OFFLINE=1``, once the files are cached).
+  ``timm.create_model`` (after ``import dynzoo``) finds the shipped weights too, through the configs' ``file``, but
+  not the ``DYNZOO_HUB_MIRROR`` directory.
 * ``load_checkpoint_file(path)`` reads safetensors or PyTorch pickles, the latter with ``weights_only=True`` only:
   code-carrying pickles are refused, truncated or corrupt files raise :class:`CheckpointFileError`.
 * ``convert_checkpoint(family, src, dst)`` turns an authors' checkpoint as released into a Hub-ready folder, through
@@ -31,7 +33,7 @@ from timm.models import get_pretrained_cfg, is_model, list_models, model_entrypo
 from torch import nn
 
 from .models import CheckpointMismatchError, MultiExitNetwork
-from .models._helpers import checkpoint_filter, unwrap_state_dict
+from .models._helpers import HUB_ORG, PACKAGE_MIRROR, checkpoint_filter, unwrap_state_dict
 
 __all__ = [
     'MIRROR_ENV', 'PACKAGE_MIRROR', 'FAMILIES', 'CheckpointFileError', 'load_checkpoint_file', 'save_pretrained',
@@ -40,8 +42,6 @@ __all__ = [
 ]
 
 MIRROR_ENV = 'DYNZOO_HUB_MIRROR'
-PACKAGE_MIRROR = Path(__file__).parent / 'weights'
-HUB_ORG = 'dynzoo'
 WEIGHTS_NAME = 'model.safetensors'
 
 # family -> (module under dynzoo.models, registered-name prefix)

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -47,6 +48,15 @@ def test_shipped_weights_load_and_match_their_card(name):
             instance = next(i for i in model.instances() if i.name == row['instance'])
             correct = sum(int((model(x, instance=instance).argmax(1) == y).sum()) for x, y in loader)
         assert 100.0 * correct / len(loader.dataset) >= row['top1'] - MARGIN, row
+
+
+def test_timm_create_model_loads_shipped_weights_offline(monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    name = 'resnet_mc_cifar.c10'
+    through_timm = timm.create_model(name, pretrained=True).state_dict()
+    stored = load_file(PACKAGE_MIRROR / name / 'model.safetensors')
+    assert through_timm.keys() == stored.keys()
+    assert all(torch.equal(through_timm[k], v.float()) for k, v in stored.items())
 
 
 def test_readme_weights_table_matches_the_cards():

@@ -1,9 +1,16 @@
 """Helpers shared by the model families: checkpoint checking and filtering, default-config ordering, init."""
 import math
+import os
+from pathlib import Path
 from typing import Callable, Dict, Optional, Set
 
 import torch
 from torch import nn
+
+
+HUB_ORG = 'dynzoo'
+# Hub folders of the weights shipped inside the package, found with no network.
+PACKAGE_MIRROR = Path(__file__).resolve().parents[1] / 'weights'
 
 
 class CheckpointMismatchError(ValueError):
@@ -90,17 +97,26 @@ def make_checkpoint_filter(convert: Optional[Callable[[Dict[str, torch.Tensor], 
 checkpoint_filter = make_checkpoint_filter()
 
 
-def untagged_default(default_cfgs: Dict) -> Dict:
-    """Make the untagged config the default of each architecture that has one.
+def dynzoo_default_cfgs(default_cfgs: Dict) -> Dict:
+    """Finish a family's ``generate_default_cfgs`` result the dynzoo way.
 
-    timm makes the first tag with weights the default, so ``msdnet_cifar_b7`` would become its CIFAR-10 weights'
-    10-class config; in dynzoo the bare name keeps the architecture's own config (100 classes for the CIFAR models)
-    and trained weights are asked for by tag (``msdnet_cifar_b7.c10``).
+    * The untagged config is the default of each architecture that has one: timm makes the first tag with weights
+      the default, so ``msdnet_cifar_b7`` would become its CIFAR-10 weights' 10-class config; in dynzoo the bare name
+      keeps the architecture's own config (100 classes for the CIFAR models) and trained weights are asked for by
+      tag (``msdnet_cifar_b7.c10``).
+    * A tag whose weights ship in the package (``dynzoo/weights/<name>/``, Hub id ``dynzoo/<name>``) gets that file
+      as its ``file``, so ``timm.create_model(name, pretrained=True)`` loads it offline as
+      ``dynzoo.create_model`` does (timm drops ``file`` when it exports a config).
     """
     for default_cfg in default_cfgs.values():
         if '' in default_cfg.tags:
             default_cfg.tags.remove('')
             default_cfg.tags.appendleft('')
+        for cfg in default_cfg.cfgs.values():
+            org, _, repo = (cfg.hf_hub_id or '').partition('/')
+            shipped = PACKAGE_MIRROR / repo / 'model.safetensors'
+            if org == HUB_ORG and repo and shipped.is_file():
+                cfg.file = os.fspath(shipped)
     return default_cfgs
 
 

@@ -38,7 +38,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._exits import MultiExitNetwork
-from ._helpers import make_checkpoint_filter, untagged_default
+from ._helpers import dynzoo_default_cfgs, make_checkpoint_filter
 
 __all__ = ['DenseNet', 'DenseNetMC', 'DenseLayer', 'checkpoint_filter_fn']
 
@@ -405,7 +405,7 @@ def _cifar_cfg(**kwargs):
                    'origin_url': 'https://github.com/gpleiss/efficient_densenet_pytorch', **kwargs})
 
 
-default_cfgs = untagged_default(generate_default_cfgs({
+default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'densenet_bc_121.tv_in1k': _tv_cfg('densenet_bc_121', 'densenet121-a639ec97.pth'),
     'densenet_bc_161.tv_in1k': _tv_cfg('densenet_bc_161', 'densenet161-8d451a50.pth'),
     'densenet_bc_169.tv_in1k': _tv_cfg('densenet_bc_169', 'densenet169-b2777c0a.pth'),

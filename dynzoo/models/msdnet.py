@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._exits import SPARE_CHANNELS, MultiExitNetwork
-from ._helpers import checkpoint_filter, init_he_fan_out, untagged_default
+from ._helpers import checkpoint_filter, dynzoo_default_cfgs, init_he_fan_out
 
 __all__ = ['MSDNet']
 
@@ -361,7 +361,7 @@ def _cifar_cfg(num_exits: int, **kwargs):
     return _cfg(num_exits, **kwargs)
 
 
-default_cfgs = untagged_default(generate_default_cfgs({
+default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'msdnet_step4.in1k': _cfg(5, hf_hub_id='dynzoo/msdnet_step4.in1k'),
     'msdnet_step6': _cfg(5),
     'msdnet_step7.in1k': _cfg(5, hf_hub_id='dynzoo/msdnet_step7.in1k'),

@@ -17,7 +17,7 @@ from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._exits import MultiExitNetwork
-from ._helpers import checkpoint_filter, init_he_fan_out, untagged_default
+from ._helpers import checkpoint_filter, dynzoo_default_cfgs, init_he_fan_out
 
 __all__ = ['ResNetMC', 'BasicBlock']
 
@@ -136,7 +136,7 @@ def _cfg(**kwargs):
     }
 
 
-default_cfgs = untagged_default(generate_default_cfgs({
+default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'resnet_mc_cifar': _cfg(),
     'resnet_mc_cifar.c10': _cfg(num_classes=10, hf_hub_id='dynzoo/resnet_mc_cifar.c10'),
 }))

@@ -33,7 +33,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ._exits import MultiExitNetwork
-from ._helpers import init_he_fan_out, make_checkpoint_filter, untagged_default
+from ._helpers import dynzoo_default_cfgs, init_he_fan_out, make_checkpoint_filter
 
 __all__ = ['ScanResNet', 'SepConv']
 
@@ -266,7 +266,7 @@ _DEPTHS = {
     152: (Bottleneck, (3, 8, 36, 3)),
 }
 
-default_cfgs = untagged_default(generate_default_cfgs({
+default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     **{f'scan_resnet{depth}': _scan_cfg() for depth in _DEPTHS},
     'scan_resnet18.c10': _scan_cfg(num_classes=10, hf_hub_id='dynzoo/scan_resnet18.c10'),
     **{f'byot_resnet{depth}': _byot_cfg() for depth in _DEPTHS},

@@ -50,7 +50,7 @@ from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._helpers import check_state_dict, init_he_fan_out, unwrap_state_dict, untagged_default
+from ._helpers import check_state_dict, dynzoo_default_cfgs, init_he_fan_out, unwrap_state_dict
 
 __all__ = ['SDPointResNet', 'Instance', 'RATIOS', 'sdpoint_checkpoint_filter']
 
@@ -487,7 +487,7 @@ def _cfg(url: str = '', **kwargs):
     }
 
 
-default_cfgs = untagged_default(generate_default_cfgs({
+default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'sdpoint_resnet18': _cfg(),
     'sdpoint_resnet34': _cfg(),
     'sdpoint_resnet50': _cfg(),
