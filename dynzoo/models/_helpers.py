@@ -1,4 +1,5 @@
-"""Helpers shared by the model families: checkpoint checking and filtering, default-config ordering, init."""
+"""Helpers shared by the model families: checkpoint checking and filtering, default configs (untagged default,
+shipped weights), init."""
 import math
 import os
 from pathlib import Path
