@@ -1,7 +1,9 @@
 """The ``dynzoo`` command: ``dynzoo bench | eval | train | convert``."""
 import argparse
+import ast
 import importlib
-from typing import List, Optional
+import json
+from typing import Any, Dict, List, Optional, Sequence
 
 # subcommand -> (module, function adding its arguments, function running it, help)
 COMMANDS = {
@@ -11,6 +13,25 @@ COMMANDS = {
     'convert': ('dynzoo.hub', 'add_convert_args', 'run_convert',
                 "turn an authors' checkpoint into a Hub-ready folder (safetensors)"),
 }
+
+
+def parse_key_values(items: Optional[Sequence[str]], option: str) -> Dict[str, Any]:
+    """``['depth=3', 'memory_efficient=False', 'name=x']`` -> ``{'depth': 3, 'memory_efficient': False, 'name': 'x'}``:
+    values are read as Python literals (``False``, ``0.5``, ``(1, 2)``) or JSON (``false``, ``[1, 2]``), anything
+    else stays a string."""
+    parsed = {}
+    for item in items or []:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise ValueError(f'{option} expects KEY=VALUE, got {item!r}')
+        try:
+            parsed[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            try:
+                parsed[key] = json.loads(value)
+            except json.JSONDecodeError:
+                parsed[key] = value
+    return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from timm.models import get_pretrained_cfg, is_model, list_models, model_entrypoint, split_model_name_tag
 from torch import nn
 
+from .cli import parse_key_values
 from .models import CheckpointMismatchError, MultiExitNetwork
 from .models._helpers import HUB_ORG, PACKAGE_MIRROR, checkpoint_filter, unwrap_state_dict
 
@@ -416,12 +417,7 @@ def add_convert_args(parser) -> None:
 
 def run_convert(args) -> int:
     """Handler of ``dynzoo convert``: prints what was written."""
-    model_kwargs = {}
-    for item in args.model_kwargs:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise ValueError(f'--model-kwargs expects key=value, got {item!r}')
-        model_kwargs[key] = json.loads(value) if value[:1].isdigit() or value in ('true', 'false') else value
+    model_kwargs = parse_key_values(args.model_kwargs, '--model-kwargs')
     dst, name = convert_checkpoint(args.family, args.src, args.dst, model_name=args.model,
                                    num_classes=args.num_classes, dtype=getattr(torch, args.dtype),
                                    model_kwargs=model_kwargs)

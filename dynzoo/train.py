@@ -43,6 +43,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from . import data, losses
+from .cli import parse_key_values
 from .factory import create_model, is_dynzoo_model
 from .hub import load_checkpoint_file, save_pretrained
 from .inference import retain_freed_memory
@@ -379,19 +380,6 @@ def finish_sdpoint(model: SDPointResNet, train_loader: DataLoader, val_set: Data
     return evaluate_instances(model, val_loader, device, config)
 
 
-def _parse_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
-    kwargs = {}
-    for item in items or []:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise ValueError(f'expected key=value, got {item!r}')
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
-
-
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dynzoo train`` / ``python -m dynzoo.train``."""
     parser.add_argument('--model', required=True, help='model name, e.g. msdnet_cifar_b7')
@@ -494,14 +482,14 @@ def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, A
     torch.manual_seed(args.seed + dist_info.rank)
 
     num_classes = args.num_classes or DATASET_CLASSES.get(args.dataset)
-    model_kwargs = _parse_kwargs(args.model_kwargs)
+    model_kwargs = parse_key_values(args.model_kwargs, '--model-kwargs')
     if num_classes:
         model_kwargs['num_classes'] = num_classes
     build = create_model if is_dynzoo_model(args.model) else timm.create_model
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build(args.model, pretrained=args.pretrained, **model_kwargs)
     torch.manual_seed(args.seed + dist_info.rank)
-    criterion = build_loss(model, args.model, config, _parse_kwargs(args.loss_kwargs))
+    criterion = build_loss(model, args.model, config, parse_key_values(args.loss_kwargs, '--loss-kwargs'))
     step_module = TrainStep(model, criterion).to(dist_info.device)
     if config['channels_last']:
         step_module.to(memory_format=torch.channels_last)
