@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .data import CIFAR_NUM_CLASSES, cifar_dataset, holdout_indices
 from .factory import create_model
 from .flops import per_exit_flops, per_exit_params, per_exit_table
-from .inference import early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions, retain_freed_memory
+from .inference import early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions
 
 __all__ = ['ResultTable', 'collect_logits', 'evaluate_anytime', 'eval_transform', 'add_bench_args', 'run_bench',
            'add_eval_args', 'run_eval']
@@ -252,7 +252,6 @@ def run_bench(args) -> List[ResultTable]:
     chosen data. Random weights get no accuracy column: it would only measure chance."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    retain_freed_memory()
     tables = []
     for name in args.models:
         has_weights = bool(args.pretrained or args.checkpoint)
@@ -299,10 +298,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_eval(args) -> List[ResultTable]:
     """One table per model; with ``--out``, ``MODE.json``/``.png`` for one model, ``MODE_NAME.json``/``.png`` per model
-    and ``MODE.png`` with every curve for several. The process keeps freed memory (``retain_freed_memory``)."""
+    and ``MODE.png`` with every curve for several."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    retain_freed_memory()
     tables = []
     for name in args.models:
         model = _build_model(args, name)

@@ -16,8 +16,8 @@
   most the epoch in progress. ``log.json`` records the run; at the end the model is exported Hub-ready
   (``dynzoo.hub.save_pretrained``) with its per-exit validation accuracy; SDPoint networks first get batch-norm
   statistics re-estimated per instance and every instance evaluated, as their authors do.
-* On CPU the process keeps freed memory for reuse (``dynzoo.inference.retain_freed_memory``) instead of
-  page-faulting every step's activations anew.
+* The training process keeps freed memory for reuse (``dynzoo.inference.retain_freed_memory``) instead of
+  page-faulting every step's activations anew on CPU.
 """
 import argparse
 import inspect
@@ -454,8 +454,6 @@ def run_train(args) -> Dict[str, Any]:
     """Train as ``args`` say; returns the run record written to ``log.json`` (rank 0; other ranks: their view)."""
     config = resolve_config(args)
     dist_info = _Distributed(args.device)
-    if dist_info.device.type == 'cpu':
-        retain_freed_memory()
     try:
         return _train(args, config, dist_info)
     finally:
@@ -627,7 +625,9 @@ def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, A
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m dynzoo.train', description=__doc__.split('\n')[0])
     add_train_args(parser)
-    run_train(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    retain_freed_memory()
+    run_train(args)
     return 0
 
 
