@@ -7,7 +7,8 @@ import dynzoo
 from dynzoo.inference import NEVER, early_exit, fit_thresholds, geometric_fractions
 from dynzoo.models import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference, select_batch
 from dynzoo.models._exits import SPARE_CHANNELS
-from dynzoo.models.msdnet import SameScaleDenseLayer
+from dynzoo.models.msdnet import (MultiScaleDenseLayer, SameScaleDenseLayer, ScaleTransition, SharedBottleneckLayer,
+                                   TwoScaleDenseLayer)
 
 
 def _model_with_running_stats(name: str) -> nn.Module:
@@ -88,7 +89,16 @@ def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
     model = _model_with_running_stats('msdnet_cifar_b7').double()
     optimized = optimize_for_inference(model)
     pointwise = [m for m in optimized.modules() if isinstance(m, PointwiseConv)]
-    assert len(pointwise) == 57 and optimized.folded_batch_norms == 128  # every 1x1 conv: bottlenecks, transitions
+    dense_layers = [m for m in model.modules() if isinstance(m, MultiScaleDenseLayer)]
+    transitions = [m for m in model.modules() if isinstance(m, ScaleTransition)]
+    assert sum(isinstance(m, SharedBottleneckLayer) for m in optimized.modules()) == len(dense_layers) == 16
+    # the 54 bottleneck 1x1 convs (two read each scale a layer gets, but the coarsest) become one per scale read
+    bottlenecks = sum(len(m.layers) + len([l for l in m.layers if isinstance(l, TwoScaleDenseLayer)])
+                      for m in dense_layers)
+    scales_read = sum(m.discard + len(m.layers) for m in dense_layers)
+    assert (bottlenecks, scales_read) == (54, 36)
+    assert len(pointwise) == scales_read + sum(len(t.m) for t in transitions) == 39
+    assert optimized.folded_batch_norms == 128
     assert not any(getattr(m, 'grow_in_place', False) for m in model.modules())  # the original keeps torch.cat
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     with torch.no_grad():
@@ -106,6 +116,19 @@ def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
     # with autograd on, the optimized layers fall back to torch.cat and gradients flow
     optimized(x.requires_grad_())[-1].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_optimized_msdnet_without_bottlenecks_grows_in_place():
+    torch.manual_seed(0)
+    model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10, bottleneck=False).eval()
+    optimized = optimize_for_inference(model)
+    assert not any(isinstance(m, SharedBottleneckLayer) for m in optimized.modules())
+    layers = [m for m in optimized.modules() if isinstance(m, (SameScaleDenseLayer, TwoScaleDenseLayer))]
+    assert layers and all(m.grow_in_place for m in layers)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for exit_expected, exit_got in zip(model(x), optimized(x)):
+            torch.testing.assert_close(exit_got, exit_expected, rtol=1e-4, atol=1e-5)
 
 
 def test_selected_samples_keep_spare_channels_and_grow_in_place():

@@ -168,6 +168,15 @@ class MultiScaleDenseLayer(nn.Module):
                     bottleneck, bn_factor[s - 1], bn_factor[s]))
         self.layers = nn.ModuleList(layers)
 
+    def inference_form(self) -> nn.Module:
+        """What ``optimize_for_inference`` puts in this layer's place once its BatchNorms are folded: a
+        ``SharedBottleneckLayer`` when the layer has bottlenecks, else the layer growing its maps in place."""
+        if self.layers[0].conv_normal.net[0].kernel_size == (1, 1):
+            return SharedBottleneckLayer(self)
+        for layer in self.layers:
+            layer.grow_in_place = True
+        return self
+
     def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
         out = []
         for k, layer in enumerate(self.layers):
@@ -177,6 +186,65 @@ class MultiScaleDenseLayer(nn.Module):
             else:
                 out.append(layer(scales[same - 1], scales[same]))
         return out
+
+
+class SharedBottleneckLayer(nn.Module):
+    """The inference form of an eval-mode, BN-folded ``MultiScaleDenseLayer`` (``dynzoo.optimize_for_inference``).
+
+    Two bottleneck 1x1 convs read each input scale: that scale's own conv and the next scale's strided conv. Here they
+    run as one 1x1 conv with both output widths, so every feature map is read once per layer instead of twice (it is
+    the largest cost of MSDNet's small-channel 32x32 layers on CPU); each 3x3 conv then reads its share of the
+    channels. The dense layers append their outputs in place (``concat_channels``). Same outputs within float
+    rounding; ``state_dict`` keys differ from the training layer's."""
+
+    def __init__(self, layer: MultiScaleDenseLayer):
+        super().__init__()
+        self.discard = layer.discard
+        readers: List[List[nn.Sequential]] = [[] for _ in range(layer.discard + len(layer.layers))]
+        sources = []
+        for k, dense in enumerate(layer.layers):
+            same = k + layer.discard
+            convs = [(same, dense.conv_normal)]
+            if isinstance(dense, TwoScaleDenseLayer):
+                convs.insert(0, (same - 1, dense.conv_down))
+            sources.append([])
+            for scale, conv in convs:
+                sources[-1].append((scale, len(readers[scale])))
+                readers[scale].append(conv.net)
+        self.bottleneck_inputs = [s for s, nets in enumerate(readers) if nets]
+        self.bottlenecks = nn.ModuleList(_merged_pointwise([net[0] for net in readers[s]])
+                                         for s in self.bottleneck_inputs)
+        # per output scale, per branch: (input scale, first and last channel in its merged bottleneck), 3x3 part
+        self.branch_channels = []
+        for branches in sources:
+            self.branch_channels.append([])
+            for scale, position in branches:
+                widths = [net[0].out_channels for net in readers[scale]]
+                start = sum(widths[:position])
+                self.branch_channels[-1].append((scale, start, start + widths[position]))
+        self.branch_convs = nn.ModuleList(
+            nn.ModuleList(nn.Sequential(*readers[scale][position][3:]) for scale, position in branches)
+            for branches in sources)
+
+    def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
+        inner = {s: bottleneck(scales[s]) for s, bottleneck in zip(self.bottleneck_inputs, self.bottlenecks)}
+        out = []
+        for k, (convs, channels) in enumerate(zip(self.branch_convs, self.branch_channels)):
+            parts = [scales[k + self.discard]]
+            parts += [conv(inner[s][:, start:end]) for conv, (s, start, end) in zip(convs, channels)]
+            out.append(concat_channels(parts, grow_in_place=True))
+        return out
+
+
+def _merged_pointwise(convs: Sequence[nn.Conv2d]) -> nn.Sequential:
+    """One 1x1 conv (+ ReLU) computing the outputs of BN-folded 1x1 convs that read the same input, stacked."""
+    weight = convs[0].weight
+    merged = nn.Conv2d(convs[0].in_channels, sum(c.out_channels for c in convs), 1, dtype=weight.dtype,
+                       device=weight.device)
+    with torch.no_grad():
+        merged.weight.copy_(torch.cat([c.weight for c in convs]))
+        merged.bias.copy_(torch.cat([c.bias for c in convs]))
+    return nn.Sequential(merged, nn.ReLU(inplace=True))
 
 
 class ScaleTransition(nn.Module):
