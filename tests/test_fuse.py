@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import dynzoo
+from timm.layers import freeze_batch_norm_2d
 from dynzoo.inference import NEVER, early_exit, fit_thresholds, geometric_fractions
 from dynzoo.models import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference, select_batch
 from dynzoo.models._exits import SPARE_CHANNELS
@@ -92,14 +93,15 @@ def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
     dense_layers = [m for m in model.modules() if isinstance(m, MultiScaleDenseLayer)]
     transitions = [m for m in model.modules() if isinstance(m, ScaleTransition)]
     assert sum(isinstance(m, SharedBottleneckLayer) for m in optimized.modules()) == len(dense_layers) == 16
-    # the 54 bottleneck 1x1 convs (two read each scale a layer gets, but the coarsest) become one per scale read
+    # the 54 bottleneck 1x1 convs (two per scale a layer reads, one for its coarsest and a dropped finest) become
+    # one per scale read
     bottlenecks = sum(len(m.layers) + len([l for l in m.layers if isinstance(l, TwoScaleDenseLayer)])
                       for m in dense_layers)
     scales_read = sum(m.discard + len(m.layers) for m in dense_layers)
     assert (bottlenecks, scales_read) == (54, 36)
     assert len(pointwise) == scales_read + sum(len(t.m) for t in transitions) == 39
     assert optimized.folded_batch_norms == 128
-    assert not any(getattr(m, 'grow_in_place', False) for m in model.modules())  # the original keeps torch.cat
+    assert _num_batch_norms(model) == 128 and not any(isinstance(m, SharedBottleneckLayer) for m in model.modules())
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     with torch.no_grad():
         expected = model(x)
@@ -118,17 +120,39 @@ def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_optimized_msdnet_without_bottlenecks_grows_in_place():
+@pytest.mark.parametrize('kwargs, size, shared', [
+    (dict(bottleneck=False), 32, False),
+    (dict(prune='min'), 32, True),
+    (dict(gr_factor='1-2-4-4', bn_factor='1-1-2-2', n_blocks=2, base=3, step=2), 64, True),  # 4 scales
+])
+def test_optimized_msdnet_variants_equal_plain(kwargs, size, shared):
     torch.manual_seed(0)
-    model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10, bottleneck=False).eval()
+    model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10, **kwargs).eval()
     optimized = optimize_for_inference(model)
-    assert not any(isinstance(m, SharedBottleneckLayer) for m in optimized.modules())
-    layers = [m for m in optimized.modules() if isinstance(m, (SameScaleDenseLayer, TwoScaleDenseLayer))]
-    assert layers and all(m.grow_in_place for m in layers)
-    x = torch.randn(3, 3, 32, 32)
+    assert any(isinstance(m, SharedBottleneckLayer) for m in optimized.modules()) == shared
+    grown = [m for m in optimized.modules() if isinstance(m, (SameScaleDenseLayer, TwoScaleDenseLayer))]
+    assert all(m.grow_in_place for m in grown) and (shared or grown)
+    assert not any(getattr(m, 'grow_in_place', False) for m in model.modules())  # the original keeps torch.cat
+    x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         for exit_expected, exit_got in zip(model(x), optimized(x)):
             torch.testing.assert_close(exit_got, exit_expected, rtol=1e-4, atol=1e-5)
+
+
+def test_unfoldable_bottleneck_norm_keeps_the_layer_and_its_norm():
+    model = _model_with_running_stats('msdnet_cifar_b7')
+    model.blocks[0][1] = freeze_batch_norm_2d(model.blocks[0][1]).eval()  # fuse_conv_bn leaves FrozenBatchNorm2d
+    optimized = optimize_for_inference(model, inplace=False)
+    first_layer = optimized.blocks[0][1]
+    assert isinstance(first_layer, MultiScaleDenseLayer) and all(m.grow_in_place for m in first_layer.layers)
+    assert isinstance(optimized.blocks[0][2], SharedBottleneckLayer)
+    assert not any(m.training for m in optimized.modules())
+    again = optimize_for_inference(optimized, inplace=True)  # optimizing twice changes nothing
+    assert again is optimized and isinstance(again.blocks[0][2], SharedBottleneckLayer)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for exit_expected, exit_got in zip(model(x), again(x)):
+            torch.testing.assert_close(exit_got, exit_expected, rtol=1e-4, atol=2e-4)  # logits of order 1
 
 
 def test_selected_samples_keep_spare_channels_and_grow_in_place():

@@ -22,6 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._exits import SPARE_CHANNELS, MultiExitNetwork
+from ._fuse import FoldedBatchNorm
 from ._helpers import checkpoint_filter, dynzoo_default_cfgs, init_he_fan_out
 
 __all__ = ['MSDNet']
@@ -97,7 +98,7 @@ class SameScaleDenseLayer(nn.Module):
     def __init__(self, in_chs: int, growth: int, bottleneck: bool, bn_width: int):
         super().__init__()
         self.conv_normal = BottleneckConv(in_chs, growth, False, bottleneck, bn_width)
-        self.grow_in_place = False  # see concat_channels; switched on by dynzoo.models.optimize_for_inference
+        self.grow_in_place = False  # see concat_channels and MultiScaleDenseLayer.inference_form
 
     def forward(self, same_scale: torch.Tensor) -> torch.Tensor:
         return concat_channels([same_scale, self.conv_normal(same_scale)], self.grow_in_place)
@@ -111,7 +112,7 @@ class TwoScaleDenseLayer(nn.Module):
         super().__init__()
         self.conv_down = BottleneckConv(finer_chs, growth // 2, True, bottleneck, finer_bn_width)
         self.conv_normal = BottleneckConv(same_chs, growth // 2, False, bottleneck, same_bn_width)
-        self.grow_in_place = False  # see concat_channels; switched on by dynzoo.models.optimize_for_inference
+        self.grow_in_place = False  # see concat_channels and MultiScaleDenseLayer.inference_form
 
     def forward(self, finer: torch.Tensor, same_scale: torch.Tensor) -> torch.Tensor:
         return concat_channels([same_scale, self.conv_down(finer), self.conv_normal(same_scale)],
@@ -169,9 +170,12 @@ class MultiScaleDenseLayer(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def inference_form(self) -> nn.Module:
-        """What ``optimize_for_inference`` puts in this layer's place once its BatchNorms are folded: a
-        ``SharedBottleneckLayer`` when the layer has bottlenecks, else the layer growing its maps in place."""
-        if self.layers[0].conv_normal.net[0].kernel_size == (1, 1):
+        """What ``optimize_for_inference`` puts in this layer's place after ``fuse_conv_bn``: a
+        ``SharedBottleneckLayer`` when every bottleneck is a folded 1x1 conv + ReLU; otherwise (no bottlenecks, or a
+        BatchNorm that could not be folded) this layer itself, switched to growing its feature maps in place."""
+        nets = [conv.net for layer in self.layers for conv in (getattr(layer, 'conv_down', None), layer.conv_normal)
+                if conv is not None]
+        if all(_is_folded_bottleneck(net) for net in nets):
             return SharedBottleneckLayer(self)
         for layer in self.layers:
             layer.grow_in_place = True
@@ -191,10 +195,10 @@ class MultiScaleDenseLayer(nn.Module):
 class SharedBottleneckLayer(nn.Module):
     """The inference form of an eval-mode, BN-folded ``MultiScaleDenseLayer`` (``dynzoo.optimize_for_inference``).
 
-    Two bottleneck 1x1 convs read each input scale: that scale's own conv and the next scale's strided conv. Here they
-    run as one 1x1 conv with both output widths, so every feature map is read once per layer instead of twice (it is
-    the largest cost of MSDNet's small-channel 32x32 layers on CPU); each 3x3 conv then reads its share of the
-    channels. The dense layers append their outputs in place (``concat_channels``). Same outputs within float
+    Most input scales are read by two bottleneck 1x1 convs: that scale's own conv and the next scale's strided conv
+    (the coarsest scale, and a finest scale about to be dropped, by one). Here the convs reading a scale run as one
+    1x1 conv with all their output widths, so every feature map is read once per layer instead of twice (the largest
+    cost of MSDNet's small-channel 32x32 layers on CPU); each 3x3 conv then reads its share of the channels. The dense layers append their outputs in place (``concat_channels``). Same outputs within float
     rounding; ``state_dict`` keys differ from the training layer's."""
 
     def __init__(self, layer: MultiScaleDenseLayer):
@@ -211,9 +215,7 @@ class SharedBottleneckLayer(nn.Module):
             for scale, conv in convs:
                 sources[-1].append((scale, len(readers[scale])))
                 readers[scale].append(conv.net)
-        self.bottleneck_inputs = [s for s, nets in enumerate(readers) if nets]
-        self.bottlenecks = nn.ModuleList(_merged_pointwise([net[0] for net in readers[s]])
-                                         for s in self.bottleneck_inputs)
+        self.bottlenecks = nn.ModuleList(_merged_pointwise([net[0] for net in nets]) for nets in readers)
         # per output scale, per branch: (input scale, first and last channel in its merged bottleneck), 3x3 part
         self.branch_channels = []
         for branches in sources:
@@ -227,13 +229,20 @@ class SharedBottleneckLayer(nn.Module):
             for branches in sources)
 
     def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
-        inner = {s: bottleneck(scales[s]) for s, bottleneck in zip(self.bottleneck_inputs, self.bottlenecks)}
+        inner = [bottleneck(x) for bottleneck, x in zip(self.bottlenecks, scales)]
         out = []
         for k, (convs, channels) in enumerate(zip(self.branch_convs, self.branch_channels)):
             parts = [scales[k + self.discard]]
             parts += [conv(inner[s][:, start:end]) for conv, (s, start, end) in zip(convs, channels)]
             out.append(concat_channels(parts, grow_in_place=True))
         return out
+
+
+def _is_folded_bottleneck(net: nn.Sequential) -> bool:
+    """Whether a ``BottleneckConv.net`` starts with a 1x1 conv whose BatchNorm ``fuse_conv_bn`` folded, then ReLU."""
+    conv = net[0]
+    return (len(net) == 6 and type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.bias is not None
+            and isinstance(net[1], FoldedBatchNorm) and type(net[2]) is nn.ReLU)
 
 
 def _merged_pointwise(convs: Sequence[nn.Conv2d]) -> nn.Sequential:
@@ -244,6 +253,7 @@ def _merged_pointwise(convs: Sequence[nn.Conv2d]) -> nn.Sequential:
     with torch.no_grad():
         merged.weight.copy_(torch.cat([c.weight for c in convs]))
         merged.bias.copy_(torch.cat([c.bias for c in convs]))
+    merged.requires_grad_(weight.requires_grad)
     return nn.Sequential(merged, nn.ReLU(inplace=True))
 
 
