@@ -11,7 +11,8 @@ Each ``--variants`` entry times its own copy of the model, the same one for earl
 ``fused`` (``dynzoo.models.fuse_conv_bn``: BatchNorm folded into the convs, inference only);
 ``fused_channels_last`` (fused, model and batch in channels-last memory format, which ``select_batch`` keeps);
 ``optimized`` (``dynzoo.optimize_for_inference``: fused, 1x1 convolutions as batched matrix products, the bottlenecks
-reading the same scale merged into one, dense layers growing their feature maps in place). Thresholds and FLOPs come from the plain model for every variant.
+reading the same scale merged into one, dense layers growing their feature maps in place). Thresholds and FLOPs come
+from the plain model for every variant.
 ``--allocator retain`` first calls ``dynzoo.inference.retain_freed_memory()``
 (see its docstring: without it every forward page-faults its large feature maps anew, which costs MSDNet's 32x32
 stages far more time than their multiply-adds).

@@ -198,35 +198,28 @@ class SharedBottleneckLayer(nn.Module):
     Most input scales are read by two bottleneck 1x1 convs: that scale's own conv and the next scale's strided conv
     (the coarsest scale, and a finest scale about to be dropped, by one). Here the convs reading a scale run as one
     1x1 conv with all their output widths, so every feature map is read once per layer instead of twice (the largest
-    cost of MSDNet's small-channel 32x32 layers on CPU); each 3x3 conv then reads its share of the channels. The dense layers append their outputs in place (``concat_channels``). Same outputs within float
-    rounding; ``state_dict`` keys differ from the training layer's."""
+    cost of MSDNet's small-channel 32x32 layers on CPU); each 3x3 conv then reads its share of the channels. The
+    dense layers append their outputs in place (``concat_channels``). Same outputs within float rounding;
+    ``state_dict`` keys differ from the training layer's."""
 
     def __init__(self, layer: MultiScaleDenseLayer):
         super().__init__()
         self.discard = layer.discard
         readers: List[List[nn.Sequential]] = [[] for _ in range(layer.discard + len(layer.layers))]
-        sources = []
+        branches = []  # per output scale, per conv: (input scale, its channels in the merged bottleneck, its net)
         for k, dense in enumerate(layer.layers):
             same = k + layer.discard
-            convs = [(same, dense.conv_normal)]
-            if isinstance(dense, TwoScaleDenseLayer):
-                convs.insert(0, (same - 1, dense.conv_down))
-            sources.append([])
+            convs = [(same - 1, dense.conv_down)] if isinstance(dense, TwoScaleDenseLayer) else []
+            convs.append((same, dense.conv_normal))
+            branches.append([])
             for scale, conv in convs:
-                sources[-1].append((scale, len(readers[scale])))
+                start = sum(net[0].out_channels for net in readers[scale])
                 readers[scale].append(conv.net)
+                branches[-1].append((scale, start, start + conv.net[0].out_channels, conv.net))
         self.bottlenecks = nn.ModuleList(_merged_pointwise([net[0] for net in nets]) for nets in readers)
-        # per output scale, per branch: (input scale, first and last channel in its merged bottleneck), 3x3 part
-        self.branch_channels = []
-        for branches in sources:
-            self.branch_channels.append([])
-            for scale, position in branches:
-                widths = [net[0].out_channels for net in readers[scale]]
-                start = sum(widths[:position])
-                self.branch_channels[-1].append((scale, start, start + widths[position]))
-        self.branch_convs = nn.ModuleList(
-            nn.ModuleList(nn.Sequential(*readers[scale][position][3:]) for scale, position in branches)
-            for branches in sources)
+        self.branch_channels = [[(scale, start, end) for scale, start, end, _ in row] for row in branches]
+        self.branch_convs = nn.ModuleList(nn.ModuleList(nn.Sequential(*net[3:]) for *_, net in row)
+                                          for row in branches)
 
     def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
         inner = [bottleneck(x) for bottleneck, x in zip(self.bottlenecks, scales)]
