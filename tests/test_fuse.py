@@ -147,8 +147,10 @@ def test_unfoldable_bottleneck_norm_keeps_the_layer_and_its_norm():
     assert isinstance(first_layer, MultiScaleDenseLayer) and all(m.grow_in_place for m in first_layer.layers)
     assert isinstance(optimized.blocks[0][2], SharedBottleneckLayer)
     assert not any(m.training for m in optimized.modules())
+    folded = optimized.folded_batch_norms
     again = optimize_for_inference(optimized, inplace=True)  # optimizing twice changes nothing
     assert again is optimized and isinstance(again.blocks[0][2], SharedBottleneckLayer)
+    assert again.folded_batch_norms == folded > 0
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         for exit_expected, exit_got in zip(model(x), again(x)):

@@ -79,7 +79,8 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     The fused model is for inference only: its ``state_dict`` keys differ (no BatchNorm entries, conv biases), so
     save and load checkpoints with the unfused model, and it raises if run in training mode. ``model`` must be in
-    eval mode; it is copied unless ``inplace``. The number of folded pairs is stored as ``model.folded_batch_norms``.
+    eval mode; it is copied unless ``inplace``. The number of folded pairs (over every call on this model) is stored as
+    ``model.folded_batch_norms``.
     """
     if any(m.training for m in model.modules()):
         raise ValueError('fuse_conv_bn folds the running statistics of eval-mode BatchNorm: call model.eval() first '
@@ -95,7 +96,7 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
                 module._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
                 module._modules[norm_name] = FoldedBatchNorm(norm.num_features).eval()
                 folded += 1
-    model.folded_batch_norms = folded
+    model.folded_batch_norms = getattr(model, 'folded_batch_norms', 0) + folded
     return model
 
 
