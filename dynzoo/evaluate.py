@@ -21,6 +21,7 @@ from .data import CIFAR_NUM_CLASSES, cifar_dataset, holdout_indices
 from .factory import create_model
 from .flops import per_exit_flops, per_exit_params, per_exit_table
 from .inference import early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions
+from .models import MultiExitNetwork
 
 __all__ = ['ResultTable', 'collect_logits', 'evaluate_anytime', 'eval_transform', 'add_bench_args', 'run_bench',
            'add_eval_args', 'run_eval']
@@ -170,7 +171,7 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--pretrained', action='store_true', help='load the registered pretrained weights')
     group.add_argument('--checkpoint', default=None, help='local checkpoint file (the authors\' format works too)')
     group.add_argument('--num-classes', type=int, default=None,
-                       help='classifier size (default: the dataset\'s classes for random weights, else the model\'s)')
+                       help='classifier size (default: the model\'s; eval gives random weights the dataset\'s)')
     group = parser.add_argument_group('data')
     group.add_argument('--data', choices=('sample', 'npz', 'torchvision'), default='sample',
                        help='sample: CIFAR-10 test images shipped with dynzoo (default); npz: packed JPEG file; '
@@ -195,7 +196,17 @@ def _build_model(args, name: str):
         kwargs['pretrained_cfg_overlay'] = dict(file=os.fspath(args.checkpoint))
     model = create_model(name, pretrained=bool(args.pretrained or args.checkpoint), num_classes=num_classes,
                          **kwargs)
+    _check_classes(model, args, name)
     return model.eval()
+
+
+def _check_classes(model, args, name: str) -> None:
+    """Refuse to report accuracy of a classifier whose classes are not the data's."""
+    classes = 10 if args.data == 'sample' else CIFAR_NUM_CLASSES[args.dataset]
+    if model.num_classes != classes:
+        data = 'the embedded CIFAR-10 sample' if args.data == 'sample' else f'--dataset {args.dataset}'
+        raise ValueError(f'{name} has {model.num_classes} classes but {data} has {classes}: evaluate it on data with '
+                         f'its classes (--dataset), or load weights trained on this data')
 
 
 def _dataset(args, split: str, transform) -> Dataset:
@@ -257,6 +268,8 @@ def run_bench(args) -> List[ResultTable]:
         has_weights = bool(args.pretrained or args.checkpoint)
         kwargs = dict(pretrained_cfg_overlay=dict(file=os.fspath(args.checkpoint))) if args.checkpoint else {}
         model = create_model(name, pretrained=has_weights, num_classes=args.num_classes, **kwargs).eval()
+        if has_weights and not args.no_accuracy:
+            _check_classes(model, args, name)
         size = 'x'.join(map(str, model.pretrained_cfg['input_size']))
         title = f'bench: {name} ({model.num_classes} classes, input {size}, {getattr(model, "num_exits", 1)} exits)'
         rows = per_exit_table(model)
@@ -304,6 +317,9 @@ def run_eval(args) -> List[ResultTable]:
     tables = []
     for name in args.models:
         model = _build_model(args, name)
+        if args.mode != 'anytime' and not isinstance(model, MultiExitNetwork):
+            raise ValueError(f'--mode {args.mode} needs a multi-exit model (MSDNet, SCAN / BYOT, *_mc); {name} has '
+                             'one exit: use --mode anytime')
         transform = eval_transform(model)
         if args.mode == 'anytime':
             loader = _loader(_limited(_dataset(args, 'test', transform), args.limit), args)
@@ -333,11 +349,12 @@ def _eval_budget(model, args, transform) -> ResultTable:
 
 
 def _eval_early_exit(model, args, transform) -> ResultTable:
-    heldout, test = _split_heldout_test(args, transform, args.holdout)
     flops = per_exit_flops(model, scope='cascade')
     if args.thresholds is not None:
+        test = _limited(_dataset(args, 'test', transform), args.limit)
         points = [('given', args.thresholds)]
     else:
+        heldout, test = _split_heldout_test(args, transform, args.holdout)
         val_logits, _ = collect_logits(model, _loader(heldout, args), progress=True)
         points = [(q, fit_thresholds(val_logits, geometric_fractions(q, model.num_exits))) for q in args.q]
     loader = _loader(test, args)

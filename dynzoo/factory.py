@@ -3,11 +3,16 @@ import difflib
 from typing import Any, Dict, List, Optional
 
 import timm
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from timm.models import is_model, model_entrypoint, split_model_name_tag
 
 
 class UnknownModelError(ValueError, RuntimeError):
     """A model name (or pretrained tag) that dynzoo does not register."""
+
+
+class PretrainedWeightsNotFoundError(FileNotFoundError):
+    """``pretrained=True`` found the weights in no local source and could not get them from the Hugging Face Hub."""
 
 
 def is_dynzoo_model(name: str) -> bool:
@@ -59,8 +64,25 @@ def create_model(
     if pretrained:
         from .hub import resolve_pretrained_source
         model_name, pretrained_cfg_overlay = resolve_pretrained_source(model_name, pretrained_cfg_overlay)
-    model = timm.create_model(model_name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay,
-                              **kwargs)
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay,
+                                  **kwargs)
+    except (HfHubHTTPError, EntryNotFoundError) as e:  # EntryNotFoundError covers offline cache misses
+        raise _weights_not_found(model_name, pretrained_cfg_overlay, e) from e
     if isinstance(getattr(model, 'pretrained_cfg', None), dict):
         model.pretrained_cfg.pop('state_dict', None)  # mirrored weights were passed in memory: do not keep a copy
     return model
+
+
+def _weights_not_found(model_name: str, overlay: Optional[Dict[str, Any]], error: Exception):
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    cfg = dict(cfg.to_dict() if cfg is not None else {}, **(overlay or {}))
+    source = f'the Hugging Face Hub repository {cfg["hf_hub_id"]}' if cfg.get('hf_hub_id') else 'the Hub'
+    url = (f', or pretrained_cfg_overlay=dict(hf_hub_id=None) to download the original file ({cfg["url"]})'
+           if cfg.get('url') and cfg.get('hf_hub_id') else '')
+    mirror = f'$DYNZOO_HUB_MIRROR/{cfg["hf_hub_id"]}/' if cfg.get('hf_hub_id') else '$DYNZOO_HUB_MIRROR/<org>/<repo>/'
+    return PretrainedWeightsNotFoundError(
+        f'no weights for {model_name!r}: no offline mirror holds them and {source} could not be read '
+        f'({type(error).__name__}: offline, or not published yet). Pass a local file with '
+        f'pretrained_cfg_overlay=dict(file=PATH) (the authors\' own checkpoints load){url}, or put the Hub folder '
+        f'in {mirror}.')

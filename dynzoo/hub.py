@@ -33,7 +33,7 @@ from timm.models import get_pretrained_cfg, is_model, list_models, model_entrypo
 from torch import nn
 
 from .cli import parse_key_values
-from .models import CheckpointMismatchError, MultiExitNetwork
+from .models import CheckpointMismatchError
 from .models._helpers import HUB_ORG, PACKAGE_MIRROR, checkpoint_filter, unwrap_state_dict
 
 __all__ = [
@@ -103,18 +103,10 @@ def _num_features(model: nn.Module) -> int:
 
 
 def _per_exit_stats(model: nn.Module) -> Dict[str, Any]:
+    """Exits, MACs and parameters per exit, counted on the model's device and dtype (one exit if it has no exits)."""
     from .flops import per_exit_flops, per_exit_params
-    if isinstance(model, MultiExitNetwork):
-        return dict(num_exits=model.num_exits, per_exit_macs=per_exit_flops(model),
-                    per_exit_params=per_exit_params(model))
-    from .flops import count_macs
-    size = model.pretrained_cfg.get('input_size', (3, 224, 224))
-    with torch.no_grad():
-        was_training = model.training
-        model.eval()
-        macs = count_macs(model, (torch.zeros(1, *size),))
-        model.train(was_training)
-    return dict(num_exits=1, per_exit_macs=[macs], per_exit_params=[sum(p.numel() for p in model.parameters())])
+    return dict(num_exits=getattr(model, 'num_exits', 1), per_exit_macs=per_exit_flops(model),
+                per_exit_params=per_exit_params(model))
 
 
 def _instance_rows(model: nn.Module, per_instance_accuracy: Dict[str, float]):

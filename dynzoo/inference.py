@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .flops import per_exit_flops
+from .models import MultiExitNetwork
 
 __all__ = [
     'EarlyExitResult', 'ThresholdSearchResult', 'SCAN_THRESHOLDS', 'SCAN_RELATIVE_COSTS', 'geometric_fractions',
@@ -209,6 +210,9 @@ def early_exit(model, x: torch.Tensor, thresholds: Sequence[float], flops: Optio
     Pass ``flops`` (cascade, at ``x``'s image size) to skip recounting them on every call. The model must be in
     eval mode.
     """
+    if not isinstance(model, MultiExitNetwork):
+        raise ValueError(f'early_exit needs a multi-exit model (MSDNet, SCAN / BYOT, *_mc); {type(model).__name__} '
+                         'has one exit')
     if model.training:
         raise ValueError('early_exit needs the model in eval mode (batch statistics would change as samples leave): '
                          'call model.eval() first')

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import CheckpointMismatchError
 from .models._helpers import unwrap_state_dict
 
 __all__ = ['MultiExitCrossEntropy', 'SCANLoss', 'BYOTLoss', 'soft_cross_entropy']
@@ -121,12 +122,21 @@ class BYOTLoss(nn.Module):
     def load_adaptation_layers(self, checkpoint: Union[str, Path, Dict[str, torch.Tensor]]) -> 'BYOTLoss':
         """Load ``adaptation_layers.*`` from an authors' checkpoint (a path or a state dict); returns ``self``."""
         if isinstance(checkpoint, (str, Path)):
-            checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
+            from .hub import load_checkpoint_file
+            checkpoint = load_checkpoint_file(checkpoint)
         prefix = 'adaptation_layers.'
         state = {k: v for k, v in unwrap_state_dict(checkpoint).items() if k.startswith(prefix)}
         if not state:
             raise ValueError('the checkpoint holds no adaptation_layers.* keys (SCAN checkpoints and checkpoints saved '
                              'before the first training step have none)')
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        if found != expected:
+            differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+            raise CheckpointMismatchError(
+                f'the checkpoint\'s adaptation layers do not fit this BYOTLoss ({differing[0]}: checkpoint '
+                f'{found.get(differing[0])}, loss {expected.get(differing[0])}): build it with '
+                f'BYOTLoss(feature_dim=model.num_features, num_exits=model.num_exits)')
         self.load_state_dict(state)
         return self
 

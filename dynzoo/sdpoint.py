@@ -97,20 +97,25 @@ def instance_flops(model: SDPointResNet, input_size: Optional[Sequence[int]] = N
         return {instance: count_macs(_InstanceGraph(model, instance), x, ops=ops) for instance in instances}
 
 
+def _as_instance(key) -> Instance:
+    return Instance.from_name(key) if isinstance(key, str) else Instance(*key)
+
+
 def select_instance(flops: Union[Mapping, SDPointResNet], budget: float,
                     accuracy: Optional[Mapping] = None) -> Instance:
     """The instance to run under a cost ``budget`` (same unit as ``flops``).
 
     ``flops`` is ``instance_flops(model)`` (or the model itself, which computes it). Without ``accuracy``, the most
     expensive instance that fits (cost is the only accuracy proxy, and it is not monotone in the point); with
-    ``accuracy`` (``{instance: accuracy}`` from an evaluation, instances absent from it are skipped), the most accurate
+    ``accuracy`` (``{instance: accuracy}`` from an evaluation, instances absent from it are skipped; keys may be
+    ``Instance``/``(point, ratio)`` or names such as ``'p8_r050'``, as in a model card), the most accurate
     instance that fits, the cheaper one on ties. Raises a ``ValueError`` naming the cheapest instance if none fits.
     """
     if isinstance(flops, nn.Module):
         flops = instance_flops(flops)
-    flops = {Instance(*k): v for k, v in flops.items()}
+    flops = {_as_instance(k): v for k, v in flops.items()}
     if accuracy is not None:
-        accuracy = {Instance(*k): v for k, v in accuracy.items()}
+        accuracy = {_as_instance(k): v for k, v in accuracy.items()}
         unknown = accuracy.keys() - flops.keys()
         if unknown:
             raise ValueError(f'accuracy lists instances without a FLOPs count: {sorted(unknown, key=str)[:5]}')

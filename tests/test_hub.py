@@ -68,6 +68,15 @@ def test_save_pretrained_writes_hub_folder(tmp_path):
         hub.save_pretrained(model, tmp_path / 'bad', per_exit_accuracy=[1.0])
 
 
+def test_save_pretrained_counts_a_single_exit_model_in_its_own_dtype_and_channels(tmp_path):
+    model = dynzoo.create_model('densenet_bc_100_k12', num_classes=10, in_chans=1).to(torch.bfloat16)
+    folder = hub.save_pretrained(model, tmp_path / 'gray', per_exit_accuracy=[50.0])
+    info = json.loads((folder / 'config.json').read_text())['dynzoo']
+    assert info['num_exits'] == 1 and info['per_exit_macs'] == dynzoo.per_exit_flops(model.float())
+    assert 280e6 < info['per_exit_macs'][0] < 300e6  # DenseNet-BC-100 k=12: 0.29 GMACs (1-channel stem)
+    assert info['per_exit_params'] == [sum(p.numel() for p in model.parameters())]
+
+
 def test_mirror_env_and_shipped_weights_load_offline(tmp_path, monkeypatch, unittest_tag):
     model = _tiny()
     hub.save_pretrained(model, tmp_path / 'mirror' / 'dynzoo' / TAG, model_name=TAG)
@@ -103,6 +112,18 @@ def test_hf_hub_names_resolve_through_the_hub_cache_offline(tmp_path, monkeypatc
     _assert_same_weights(model, dynzoo.create_model(f'hf-hub:dynzoo/{TAG}', pretrained=True))
     _assert_same_weights(model, timm.create_model(f'hf-hub:dynzoo/{TAG}', pretrained=True))
     _assert_same_weights(model, dynzoo.create_model(TAG, pretrained=True, **TINY))  # tag -> hf_hub_id -> cache
+
+
+def test_weights_on_no_local_source_and_no_hub_raise_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.delenv(hub.MIRROR_ENV, raising=False)
+    with pytest.raises(dynzoo.PretrainedWeightsNotFoundError, match=r"'msdnet_step4.in1k'.*dynzoo/msdnet_step4.in1k"
+                       r".*pretrained_cfg_overlay=dict\(file=PATH\).*DYNZOO_HUB_MIRROR/dynzoo/msdnet_step4.in1k/"):
+        dynzoo.create_model('msdnet_step4.in1k', pretrained=True)
+    with pytest.raises(FileNotFoundError, match=r'hf_hub_id=None\) to download the original file \(https://download'):
+        dynzoo.create_model('densenet_bc_121.tv_in1k', pretrained=True)
 
 
 def test_bad_files_raise_clear_errors(tmp_path, monkeypatch, unittest_tag):

@@ -211,10 +211,28 @@ def test_tables_name_models_with_their_tag():
     assert _model_name(dynzoo.create_model('resnet_mc_cifar')) == 'resnet_mc_cifar'
 
 
-def test_early_exit_refuses_training_mode():
+def test_early_exit_refuses_training_mode_and_single_exit_models():
     model = dynzoo.create_model('msdnet_cifar_lin5', num_classes=10).train()
     with pytest.raises(ValueError, match='eval mode'):
         early_exit(model, torch.zeros(2, 3, 32, 32), [0.5] * 5)
+    densenet = dynzoo.create_model('densenet_bc_100_k12', num_classes=10).eval()
+    with pytest.raises(ValueError, match='needs a multi-exit model.*DenseNet has one exit'):
+        early_exit(densenet, torch.zeros(2, 3, 32, 32), [0.0])
+
+
+def test_cli_eval_refuses_what_it_cannot_measure():
+    with pytest.raises(ValueError, match='--mode budget needs a multi-exit model.*--mode anytime'):
+        run_eval(_parse(add_eval_args, ['densenet_bc_100_k12', '--mode', 'budget', '--limit', '4']))
+    with pytest.raises(ValueError, match='has 100 classes but the embedded CIFAR-10 sample has 10'):
+        run_eval(_parse(add_eval_args, ['msdnet_cifar_lin5', '--num-classes', '100']))
+    with pytest.raises(ValueError, match='has 10 classes but --dataset cifar100 has 100'):
+        run_bench(_parse(add_bench_args, ['msdnet_cifar_b7.c10', '--pretrained', '--data', 'npz', '--data-path',
+                                          'unused.npz', '--dataset', 'cifar100']))
+
+    # Given thresholds need no held-out images: the whole test split is evaluated (fitting would hold out half).
+    table, = run_eval(_parse(add_eval_args, ['msdnet_cifar_lin5', '--num-classes', '10', '--mode', 'early-exit',
+                                             '--thresholds', '0.5', '0.5', '0.5', '0.5', '0', '--batch-size', '250']))
+    assert table.title.endswith('on 1000 images') and table.rows[0]['q'] == 'given'
 
 
 def test_retain_freed_memory_stops_page_faults_of_reused_blocks():

@@ -143,12 +143,17 @@ def test_checkpoint_that_does_not_fit_is_named(tmp_path, edit, message):
 
 def test_old_checkpoint_without_num_batches_tracked_loads(tmp_path):
     path = tmp_path / 'old.pth'
-    _authors_file(dynzoo.create_model('msdnet_cifar_lin5'), path)
+    source = dynzoo.create_model('msdnet_cifar_lin5')
+    _authors_file(source, path)
     checkpoint = torch.load(path, weights_only=True)
     checkpoint['state_dict'] = {k: v for k, v in checkpoint['state_dict'].items() if 'num_batches' not in k}
     torch.save(checkpoint, path)
     model = dynzoo.create_model('msdnet_cifar_lin5', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    assert model.num_exits == 5
+    loaded, expected = model.state_dict(), source.state_dict()
+    assert loaded.keys() == expected.keys() and any('num_batches_tracked' in k for k in loaded)
+    for key, value in expected.items():
+        if 'num_batches_tracked' not in key:
+            assert torch.equal(loaded[key], value), key
 
 
 @pytest.mark.parametrize('name,shape,message', [

@@ -10,6 +10,7 @@ from torch import nn
 
 import dynzoo
 from dynzoo.flops import count_macs
+from dynzoo.hub import CheckpointFileError
 from dynzoo.losses import BYOTLoss, SCANLoss, soft_cross_entropy
 from dynzoo.models import CheckpointMismatchError, ScanResNet
 from dynzoo.models.scan import _DEPTHS
@@ -145,6 +146,13 @@ def test_authors_checkpoint_loads(fixture_id, tmp_path):
     if fixture_id.startswith('byot'):
         loss = BYOTLoss().load_adaptation_layers(path)
         assert torch.equal(loss.adaptation_layers[2].weight, saved['adaptation_layers.2.weight'])
+        with pytest.raises(CheckpointMismatchError, match=r'adaptation_layers.0.bias: checkpoint \(512,\), loss '
+                                                          r'\(2048,\).*feature_dim=model.num_features'):
+            BYOTLoss(feature_dim=2048).load_adaptation_layers(path)
+        truncated = tmp_path / 'truncated.pth'
+        truncated.write_bytes(path.read_bytes()[:1000])
+        with pytest.raises(CheckpointFileError, match='truncated'):
+            BYOTLoss().load_adaptation_layers(truncated)
 
 
 def test_checkpoint_for_other_family_fails_clearly(tmp_path):

@@ -257,5 +257,10 @@ def test_select_instance(manifest):
     accuracy = {NIL: 0.76, (16, 0.5): 0.60, (0, 0.75): 0.70, (7, 0.75): 0.74}
     assert select_instance(flops, 4.0e9, accuracy) == (7, 0.75)
     assert select_instance(flops, 2.0e9, accuracy) == (16, 0.5)
+    by_name = {Instance(*k).name: v for k, v in accuracy.items()}  # as evaluate_instances and the model card key them
+    assert list(by_name) == ['nil', 'p16_r050', 'p0_r075', 'p7_r075']
+    assert select_instance(flops, 4.0e9, by_name) == (7, 0.75) and select_instance(flops, 2.0e9, by_name) == (16, 0.5)
+    with pytest.raises(ValueError, match="'p7_75' is not an SDPoint instance name"):
+        select_instance(flops, 4.0e9, {'p7_75': 0.74})
     with pytest.raises(ValueError, match=r'cheapest is \(16, 0\.5\)'):
         select_instance(flops, 1e9)

@@ -41,6 +41,7 @@ Where dynzoo differs from the authors' code:
 """
 import math
 import numbers
+import re
 from contextlib import contextmanager, nullcontext
 from typing import Dict, List, NamedTuple, Optional, Sequence, Type
 
@@ -71,6 +72,17 @@ class Instance(NamedTuple):
     def name(self) -> str:
         """``'nil'`` or ``'p{point}_r{ratio*100:03d}'``, the naming of the parity fixtures and state_dict keys."""
         return 'nil' if self.point is None else f'p{self.point}_r{round(self.ratio * 100):03d}'
+
+    @classmethod
+    def from_name(cls, name: str) -> 'Instance':
+        """The instance a ``name`` (``'nil'``, ``'p8_r050'``) stands for."""
+        match = re.fullmatch(r'p(\d+)_r(\d{3})', name)
+        if name == 'nil':
+            return cls(None, None)
+        if match is None:
+            raise ValueError(f"{name!r} is not an SDPoint instance name: 'nil' or 'p<point>_r<ratio x 100, 3 digits>', "
+                             "e.g. 'p8_r050'")
+        return cls(int(match.group(1)), int(match.group(2)) / 100)
 
 
 NIL = Instance(None, None)
