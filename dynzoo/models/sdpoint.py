@@ -76,9 +76,9 @@ class Instance(NamedTuple):
     @classmethod
     def from_name(cls, name: str) -> 'Instance':
         """The instance a ``name`` (``'nil'``, ``'p8_r050'``) stands for."""
-        match = re.fullmatch(r'p(\d+)_r(\d{3})', name)
         if name == 'nil':
             return cls(None, None)
+        match = re.fullmatch(r'p(\d+)_r(\d{3})', name)
         if match is None:
             raise ValueError(f"{name!r} is not an SDPoint instance name: 'nil' or 'p<point>_r<ratio x 100, 3 digits>', "
                              "e.g. 'p8_r050'")
