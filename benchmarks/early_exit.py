@@ -9,7 +9,7 @@ FLOPs and time that comes from stages differing in time per FLOP, not from early
 
 Each ``--variants`` entry times its own copy of the model, the same one for early exit and full forward: ``plain``;
 ``fused`` (``dynzoo.models.fuse_conv_bn``: BatchNorm folded into the convs, inference only);
-``fused_channels_last`` (fused, model and batch in channels-last memory format, which ``select_batch`` keeps);
+``fused_channels_last`` (fused, model and batch in channels-last memory format, which ``compact_batch`` keeps);
 ``optimized`` (``dynzoo.optimize_for_inference``: fused, 1x1 convolutions as batched matrix products, the bottlenecks
 reading the same scale merged into one, dense layers growing their feature maps in place). Thresholds and FLOPs come
 from the plain model for every variant.

@@ -6,7 +6,7 @@ from torch import nn
 import dynzoo
 from timm.layers import freeze_batch_norm_2d
 from dynzoo.inference import NEVER, early_exit, fit_thresholds, geometric_fractions
-from dynzoo.models import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference, select_batch
+from dynzoo.models import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference, compact_batch
 from dynzoo.models._exits import SPARE_CHANNELS
 from dynzoo.models.msdnet import (MultiScaleDenseLayer, SameScaleDenseLayer, ScaleTransition, SharedBottleneckLayer,
                                    TwoScaleDenseLayer)
@@ -157,21 +157,45 @@ def test_unfoldable_bottleneck_norm_keeps_the_layer_and_its_norm():
             torch.testing.assert_close(exit_got, exit_expected, rtol=1e-4, atol=2e-4)  # logits of order 1
 
 
-def test_selected_samples_keep_spare_channels_and_grow_in_place():
+def test_compacted_samples_move_in_place_keep_spare_channels_and_grow_in_place():
     first, second = SameScaleDenseLayer(4, 3, False, 1).eval(), SameScaleDenseLayer(7, 3, False, 1).eval()
     first.grow_in_place = second.grow_in_place = True
     x = torch.randn(5, 4, 6, 6)
-    keep = torch.tensor([0, 3, 4])
+    x_before = x.clone()
     with torch.no_grad():
         grown = first(x)
-        selected = select_batch([grown], keep)[0]
-        assert torch.equal(selected, grown[keep])
-        buffer = selected.__dict__[SPARE_CHANNELS]
-        assert buffer.shape == (3, 14, 6, 6) and buffer.data_ptr() == selected.data_ptr()
-        assert SPARE_CHANNELS in grown.__dict__  # the original keeps its own buffer
-        appended = second(selected)
-        assert appended.data_ptr() == buffer.data_ptr()  # appended in place: no copy of the kept maps
-        assert torch.equal(appended, torch.cat([grown[keep], second.conv_normal(grown[keep])], 1))
+        original = grown.clone()
+        buffer = grown.__dict__[SPARE_CHANNELS]
+        (compacted,), order = compact_batch([grown], torch.tensor([4, 0, 3]), x)
+        assert order.tolist() == [1, 0, 2]  # 0 stays in row 0, 4 fills the row 1 left, 3 is inside the first 3
+        assert torch.equal(compacted[order], original[[4, 0, 3]])
+        assert compacted.data_ptr() == buffer.data_ptr()  # compacted in place, no new tensor
+        assert compacted.__dict__[SPARE_CHANNELS].shape == (3, 14, 6, 6)
+        appended = second(compacted)
+        assert appended.data_ptr() == buffer.data_ptr()  # the next layer still appends in place
+        assert torch.equal(appended, torch.cat([compacted, second.conv_normal(compacted)], 1))
+        (from_input, view_of_input), order = compact_batch([x, x[:, :2]], torch.tensor([4, 0, 3]), x)
+    assert torch.equal(x, x_before)  # the caller's input is gathered, never written
+    assert torch.equal(from_input[order], x[[4, 0, 3]]) and torch.equal(view_of_input[order], x[[4, 0, 3], :2])
+
+
+@pytest.mark.parametrize('speed_up', [lambda model: model, optimize_for_inference])
+def test_iter_exits_after_repeated_drops_matches_full_forward(speed_up):
+    model = speed_up(_model_with_running_stats('msdnet_cifar_b7').double())
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x_before = x.clone()
+    with torch.no_grad():
+        full = model(x)
+        exits = model.iter_exits(x)
+        assert torch.equal(next(exits), full[0])
+        inside = torch.arange(8)
+        for k, keep in enumerate([[1, 2, 5, 6, 7], [0, 3, 4], [2, 0], None, [1], None], start=1):
+            keep = None if keep is None else torch.tensor(keep)
+            logits = exits.send(keep)
+            inside = inside if keep is None else inside[keep]
+            torch.testing.assert_close(logits, full[k][inside], rtol=1e-10, atol=1e-10)
+    assert inside.tolist() == [1]
+    assert torch.equal(x, x_before)
 
 
 def test_pointwise_conv_equals_conv_in_both_memory_formats():

@@ -1,5 +1,5 @@
 """dynzoo's model families; importing this package registers every model in timm's registry."""
-from ._exits import MultiExitNetwork, select_batch
+from ._exits import MultiExitNetwork, compact_batch
 from ._helpers import CheckpointMismatchError, check_state_dict, unwrap_state_dict
 from .msdnet import MSDNet
 from .scan import ScanResNet

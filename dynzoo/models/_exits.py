@@ -24,25 +24,51 @@ from torch import nn
 SPARE_CHANNELS = '_dynzoo_spare_channels'
 
 
-def select_batch(state, index: torch.Tensor):
-    """Keep the samples ``index`` of every tensor in a (nested list/tuple of) batch tensor(s), in the same memory
-    format (a channels-last model keeps running channels-last after samples leave). A feature map with spare channels
-    (``SPARE_CHANNELS``) comes back as a view of a new buffer of the same capacity, so the next layer still appends
-    in place instead of copying the kept samples' maps a second time."""
-    if isinstance(state, torch.Tensor):
-        spare = state.__dict__.get(SPARE_CHANNELS)
+def compact_batch(state, rows: torch.Tensor, protected: torch.Tensor):
+    """Keep the batch rows ``rows`` (1-D, distinct) of every tensor in a (nested list/tuple) stage state.
+
+    Returns ``(state, order)``: the new state holds the kept samples in the first ``len(rows)`` rows of the same
+    tensors (a narrowed view), and its row ``order[i]`` is old row ``rows[i]``. A kept sample already in those first
+    rows stays where it is; each of the others is copied once, into a row a leaving sample freed. When a quarter of
+    the batch leaves, that moves about a quarter of the kept samples' maps, where gathering them into new tensors
+    would copy all of them (and a feature map with spare channels, ``SPARE_CHANNELS``, keeps growing in place in its
+    buffer). A tensor that shares memory with ``protected`` (the caller's input) is never written: its kept rows are
+    gathered into a new tensor, in the same memory format, in the same order.
+    """
+    size = len(rows)
+    stays = rows < size
+    movers = rows[~stays]
+    free = torch.ones(size, dtype=torch.bool, device=rows.device)
+    free[rows[stays]] = False
+    holes = torch.nonzero(free).squeeze(1)
+    order = rows.clone()
+    order[~stays] = holes
+    # Each sample's maps are one block per tensor: copying block by block moves the data once, where
+    # index_select + index_copy_ would move it twice.
+    moves = list(zip(holes.tolist(), movers.tolist()))
+    source = torch.arange(size, device=rows.device)
+    source[holes] = movers
+    protected_storage = protected.untyped_storage().data_ptr()
+
+    def compact(tensor):
+        if isinstance(tensor, (list, tuple)):
+            return type(tensor)(compact(t) for t in tensor)
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f'cannot select samples from a stage state of type {type(tensor).__name__}')
+        if tensor.untyped_storage().data_ptr() == protected_storage:
+            channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
+            gathered = torch.empty((size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device,
+                                   memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            return torch.index_select(tensor, 0, source, out=gathered)
+        for hole, mover in moves:
+            tensor[hole].copy_(tensor[mover])
+        kept = tensor[:size]
+        spare = tensor.__dict__.get(SPARE_CHANNELS)
         if spare is not None:
-            buffer = spare.new_empty((len(index), *spare.shape[1:]))
-            selected = torch.index_select(state, 0, index, out=buffer[:, :state.shape[1]])
-            selected.__dict__[SPARE_CHANNELS] = buffer
-            return selected
-        channels_last = state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last)
-        selected = torch.empty((len(index), *state.shape[1:]), dtype=state.dtype, device=state.device,
-                               memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        return torch.index_select(state, 0, index, out=selected)
-    if isinstance(state, (list, tuple)):
-        return type(state)(select_batch(s, index) for s in state)
-    raise TypeError(f'cannot select samples from a stage state of type {type(state).__name__}')
+            kept.__dict__[SPARE_CHANNELS] = spare[:size]
+        return kept
+
+    return compact(state), order
 
 
 def flatten_tensors(state) -> List[torch.Tensor]:
@@ -101,15 +127,19 @@ class MultiExitNetwork(nn.Module):
 
         Instead of ``next(gen)``, a caller may ``gen.send(index)`` with a 1-D tensor of the batch positions to keep:
         the next exit (returned by ``send``) and every later stage then run on those samples only. This is what
-        ``dynzoo.early_exit`` uses to skip the work of samples that already exited.
+        ``dynzoo.early_exit`` uses to skip the work of samples that already exited. The stage state is compacted in
+        place (``compact_batch``: only kept samples outside the first rows move), so its rows may come to hold the
+        samples in another order; the logits are always yielded in the caller's order.
         """
         self.check_input(x)
         state = x
+        order: Optional[torch.Tensor] = None  # row of the state that holds each sample, when not the identity
         for k in range(self.num_exits):
             state = self.forward_stage(k, state)
-            keep: Optional[torch.Tensor] = yield self.forward_head(k, state)
+            logits = self.forward_head(k, state)
+            keep: Optional[torch.Tensor] = yield logits if order is None else logits.index_select(0, order)
             if keep is not None:
-                state = select_batch(state, keep)
+                state, order = compact_batch(state, keep if order is None else order[keep], x)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         return list(self.iter_exits(x))
