@@ -175,8 +175,12 @@ def test_compacted_samples_move_in_place_keep_spare_channels_and_grow_in_place()
         assert appended.data_ptr() == buffer.data_ptr()  # the next layer still appends in place
         assert torch.equal(appended, torch.cat([compacted, second.conv_normal(compacted)], 1))
         (from_input, view_of_input), order = compact_batch([x, x[:, :2]], torch.tensor([4, 0, 3]), x)
+        overlapping = torch.arange(12.0).as_strided((5, 4), (2, 1))  # sample i is elements 2i .. 2i + 3
+        expected = overlapping[[4, 0, 3]]
+        compacted_overlapping, order = compact_batch(overlapping, torch.tensor([4, 0, 3]), x)
     assert torch.equal(x, x_before)  # the caller's input is gathered, never written
     assert torch.equal(from_input[order], x[[4, 0, 3]]) and torch.equal(view_of_input[order], x[[4, 0, 3], :2])
+    assert torch.equal(compacted_overlapping[order], expected)  # samples sharing memory are gathered too
 
 
 @pytest.mark.parametrize('speed_up', [lambda model: model, optimize_for_inference])

@@ -33,7 +33,8 @@ def compact_batch(state, rows: torch.Tensor, protected: torch.Tensor):
     the batch leaves, that moves about a quarter of the kept samples' maps, where gathering them into new tensors
     would copy all of them (and a feature map with spare channels, ``SPARE_CHANNELS``, keeps growing in place in its
     buffer). A tensor that shares memory with ``protected`` (the caller's input) is never written: its kept rows are
-    gathered into a new tensor, in the same memory format, in the same order.
+    gathered into a new tensor, in the same memory format, in the same order; so is one whose samples share memory
+    with each other (a batch expanded from one sample).
     """
     size = len(rows)
     stays = rows < size
@@ -55,7 +56,8 @@ def compact_batch(state, rows: torch.Tensor, protected: torch.Tensor):
             return type(tensor)(compact(t) for t in tensor)
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f'cannot select samples from a stage state of type {type(tensor).__name__}')
-        if tensor.untyped_storage().data_ptr() == protected_storage:
+        row_extent = sum((n - 1) * stride for n, stride in zip(tensor.shape[1:], tensor.stride()[1:])) + 1
+        if tensor.untyped_storage().data_ptr() == protected_storage or tensor.stride(0) < row_extent:
             channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
             gathered = torch.empty((size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device,
                                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
