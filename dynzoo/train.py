@@ -369,6 +369,16 @@ def evaluate_instances(model: nn.Module, loader: DataLoader, device: torch.devic
     return {instance.name: 100.0 * c / total for instance, c in zip(instances, correct)}
 
 
+def recalibrate_full_instance(model: SDPointResNet, train_loader: DataLoader, device: torch.device,
+                              config: Dict[str, Any], args) -> None:
+    """Before each validation during training: the full instance's batch-norm statistics re-estimated on
+    ``--val-recalibrate-batches`` training batches. The shared running statistics average over the randomly drawn
+    instances and validate the full one poorly."""
+    if args.val_recalibrate_batches > 0:
+        with _autocast(config['amp'], device):
+            recalibrate_bn(model, train_loader, instances=[NIL], num_batches=args.val_recalibrate_batches)
+
+
 def finish_sdpoint(model: SDPointResNet, train_loader: DataLoader, val_set: Dataset, device: torch.device,
                    config: Dict[str, Any], args) -> Dict[str, float]:
     """The authors' last step before evaluating an SDPoint network: batch-norm statistics re-estimated for every
@@ -437,6 +447,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                              'fits its early-exit thresholds on (MSDNet: 5000)')
     parser.add_argument('--recalibrate-batches', type=int, default=100,
                         help='SDPoint: training batches per instance for the final batch-norm recalibration')
+    parser.add_argument('--val-recalibrate-batches', type=int, default=20,
+                        help='SDPoint: training batches for the full instance\'s batch-norm statistics before each '
+                             'validation during training (0: validate with the shared running statistics)')
     parser.add_argument('--export-note', default=None,
                         help='a line about the run for the model card (e.g. what it was fine-tuned from)')
     parser.add_argument('--export-dtype', default='float32', choices=('float32', 'float16'))
@@ -537,6 +550,8 @@ def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, A
             print(f'resuming with changed settings (checkpoint, now): {changed}')
         if dist_info.is_main:
             print(f'resumed from epoch {start_epoch} ({global_step} steps)')
+    if isinstance(model, SDPointResNet):
+        model.clear_bn_stats()  # stored per-instance statistics describe the weights before this run's steps
 
     if dist_info.enabled:
         ddp = nn.parallel.DistributedDataParallel(
@@ -582,6 +597,8 @@ def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, A
         loss_total, step_total = dist_info.sum([loss_sum, steps])
         last_epoch = epoch + 1 == config['epochs']
         if last_epoch or (epoch + 1) % args.eval_interval == 0:
+            if isinstance(model, SDPointResNet):
+                recalibrate_full_instance(model, train_loader, dist_info.device, config, args)
             accuracy = evaluate(model, val_loader, dist_info, config)
         else:
             accuracy = None

@@ -232,6 +232,9 @@ def test_sdpoint_run_ends_with_per_instance_batch_norm_and_accuracy(tmp_path):
     dtrain.run_train(_args('--model', 'sdpoint_preresnet_cifar', *FAST, '--preset', 'fast_cifar', '--epochs', '1',
                            '--warmup-epochs', '0', '--recalibrate-batches', '2', '--no-channels-last',
                            '--export-note', 'a test run', '--output', output))
+    # Validation during training re-estimated the full instance's statistics; no other instance has any yet.
+    saved = torch.load(output / 'last.pth', weights_only=False)['model']
+    assert [k for k in saved if k.startswith('instance_bn_stats.')] == ['instance_bn_stats.nil']
     config = json.loads((output / 'pretrained' / 'config.json').read_text())
     model = dynzoo.create_model('sdpoint_preresnet_cifar')
     rows = config['dynzoo']['instances']
