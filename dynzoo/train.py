@@ -11,11 +11,16 @@
   cross-entropy for single-exit networks (DenseNet-BC; SDPoint samples its instance per batch itself in train mode).
 * ``--batch-size`` is the *global* batch: each of N processes takes one contiguous N-th of every global batch, so a
   run gives the same batches, and without batch-dependent layers the same updates, on any number of processes.
-* Every epoch, rank 0 writes ``last.pth`` atomically (temporary file, then ``os.replace``) with model, loss,
-  optimizer, scheduler, every rank's RNG states and the epoch; ``--resume`` continues exactly, a killed run loses at
-  most the epoch in progress. ``log.json`` records the run; at the end the model is exported Hub-ready
-  (``dynzoo.hub.save_pretrained``) with its per-exit validation accuracy; SDPoint networks first get batch-norm
-  statistics re-estimated per instance and every instance evaluated, as their authors do.
+* Every epoch, rank 0 writes the full resume state ``last.pth`` atomically (model, EMA, loss, optimizer, scheduler,
+  every rank's RNG states, epoch; ``dynzoo.train_state``) and, with ``--compact-dir``, a compact copy small enough to
+  commit between sessions. ``--resume`` continues from the full state (exactly) or else the compact one (same
+  schedule, same epoch); a killed run loses at most the epoch in progress. ``--stop-after-epochs N`` ends this
+  invocation after N epochs, resumable, for runs that span several sittings.
+* ``--model-ema`` keeps an exponential moving average of the weights (``timm.utils.ModelEmaV3``), validated beside
+  the model every epoch; the export takes whichever has the higher mean top-1 over the exits.
+* ``log.json`` records the run; at the end the model is exported Hub-ready (``dynzoo.hub.save_pretrained``) with its
+  per-exit validation accuracy; SDPoint networks first get batch-norm statistics re-estimated per instance and every
+  instance evaluated, as their authors do.
 * The training process keeps freed memory for reuse (``dynzoo.inference.retain_freed_memory``) instead of
   page-faulting every step's activations anew on CPU.
 """
@@ -37,6 +42,7 @@ import torch.distributed as dist
 from timm.models import split_model_name_tag
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms
@@ -50,6 +56,8 @@ from .inference import retain_freed_memory
 from .models import MultiExitNetwork
 from .models.sdpoint import NIL, SDPointResNet
 from .sdpoint import recalibrate_bn
+from .train_state import (COMPACT_NAME, atomic_write, find_resume_state, load_compact_state, save_checkpoint,
+                          save_compact_state)
 
 __all__ = ['PRESETS', 'DEFAULTS', 'GlobalBatchSampler', 'resolve_config', 'build_loss', 'add_train_args',
            'run_train', 'main']
@@ -130,6 +138,9 @@ def resolve_config(args) -> Dict[str, Any]:
             config['augment'] = family_preset if family_preset in data.PRESETS else 'cifar'
         else:
             config['augment'] = 'imagenet'
+    for key, option in (('epochs', '--epochs'), ('batch_size', '--batch-size')):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise ValueError(f'{option} must be a positive whole number, got {config[key]!r}')
     config['milestones'] = [int(round(m * config['epochs'])) if m < 1 else int(m) for m in config['milestones']]
     return config
 
@@ -304,20 +315,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then rename: a reader never sees a partly written checkpoint."""
-    _atomic_write(path, lambda f: torch.save(state, f))
-
-
 def _autocast(amp: str, device: torch.device):
     if amp == 'none':
         return nullcontext()
@@ -406,7 +403,17 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--synthetic-size', type=int, default=256, help='training images of --dataset synthetic')
     parser.add_argument('--output', required=True, help='run folder: last.pth, log.json, pretrained/')
     parser.add_argument('--resume', nargs='?', const='auto', default=None,
-                        help='continue from OUTPUT/last.pth (or the given checkpoint); starts fresh if absent')
+                        help='continue from OUTPUT/last.pth, else from the compact state in --compact-dir (or from '
+                             'the given checkpoint); starts fresh if there is none')
+    parser.add_argument('--compact-dir', default=None,
+                        help='also keep a compact resume state (float16 weights and EMA, bfloat16 momentum) in '
+                             'this folder every epoch, e.g. training/<run> to commit between sessions')
+    parser.add_argument('--stop-after-epochs', type=int, default=None,
+                        help='end this invocation after N epochs (resume later with --resume; no export)')
+    parser.add_argument('--model-ema', action='store_true',
+                        help='keep an EMA of the weights (timm ModelEmaV3), validate it, export it when better')
+    parser.add_argument('--model-ema-decay', type=float, default=0.9998,
+                        help='the EMA decay it warms up to (timm\'s warm-up, power 3/4)')
     parser.add_argument('--preset', default='auto', help=f'auto (the family\'s authors\' recipe) or one of: '
                                                          f'{", ".join(PRESETS)}')
     group = parser.add_argument_group('recipe (overrides the preset)')
@@ -477,37 +484,178 @@ def run_train(args) -> Dict[str, Any]:
         dist_info.close()
 
 
+def _resume_state(args, output: Path) -> Optional[Dict[str, Any]]:
+    """The state ``--resume`` continues from (full, else compact; see ``dynzoo.train_state``), or None to start
+    fresh. Starting fresh over an existing state is refused: it would be overwritten at the first epoch."""
+    if args.resume and args.resume != 'auto':
+        path = Path(args.resume)
+        if not path.is_file():
+            raise FileNotFoundError(f'--resume {path}: no such checkpoint')
+        return load_compact_state(path) if path.suffix == '.safetensors' else load_checkpoint_file(path)
+    state, path = find_resume_state(output, args.compact_dir, load_checkpoint_file)
+    if state is not None and not args.resume:
+        raise FileExistsError(f'{path} exists: pass --resume to continue that run, or choose another --output '
+                              f'(and --compact-dir)')
+    if state is not None:
+        print(f'resuming from {path}' + ('' if 'rng' in state else ' (compact state: no RNG state, so the random '
+                                                                    'streams differ from an uninterrupted run)'))
+    return state
+
+
+def _restore(state: Dict[str, Any], parts: '_RunParts', config: Dict[str, Any], dist_info: _Distributed
+             ) -> Tuple[int, int, List[Dict[str, Any]], float]:
+    """Load a resume state into the run; returns ``(epoch, global_step, history, train_time)``."""
+    parts.model.load_state_dict(state['model'])
+    parts.criterion.load_state_dict(state['criterion'])
+    parts.optimizer.load_state_dict(state['optimizer'])
+    schedule_keys = ('epochs', 'sched', 'milestones', 'decay_rate', 'warmup_epochs', 'warmup_lr', 'min_lr', 'lr')
+    if all(state['config'].get(k) == config[k] for k in schedule_keys):
+        parts.scheduler.load_state_dict(state['scheduler'])
+    else:  # timm's schedulers are functions of the step: the new schedule continues from global_step
+        for group in parts.optimizer.param_groups:
+            group['initial_lr'] = config['lr']
+    if parts.ema is not None:
+        if state.get('model_ema') is not None:
+            parts.ema.module.load_state_dict(state['model_ema'])
+        else:
+            parts.ema.module.load_state_dict(parts.model.state_dict())
+            print('the resumed run kept no EMA: it starts from the resumed weights')
+    rng = state.get('rng')
+    if rng is not None and len(rng) == dist_info.world_size:
+        _set_rng_state(rng[dist_info.rank])
+    elif rng is not None and dist_info.is_main:
+        print(f'resuming on {dist_info.world_size} processes a run saved on {len(rng)}: random streams differ')
+    changed = {k: (state['config'].get(k), v) for k, v in config.items() if state['config'].get(k) != v}
+    if changed and dist_info.is_main:
+        print(f'resuming with changed settings (checkpoint, now): {changed}')
+    if dist_info.is_main:
+        print(f'resumed from epoch {state["epoch"]} ({state["global_step"]} steps)')
+    return state['epoch'], state['global_step'], state['history'], state['train_time']
+
+
+class _RunParts:
+    """What a run trains and how: model, loss, the module DDP/compile wrap, optimizer, scheduler, optional EMA."""
+
+    def __init__(self, args, config: Dict[str, Any], dist_info: _Distributed, steps_per_epoch: int):
+        num_classes = args.num_classes or DATASET_CLASSES.get(args.dataset)
+        self.model_kwargs = parse_key_values(args.model_kwargs, '--model-kwargs')
+        if num_classes:
+            self.model_kwargs['num_classes'] = num_classes
+        build = create_model if is_dynzoo_model(args.model) else timm.create_model
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
+        self.model = build(args.model, pretrained=args.pretrained, **self.model_kwargs)
+        torch.manual_seed(args.seed + dist_info.rank)
+        self.criterion = build_loss(self.model, args.model, config,
+                                    parse_key_values(args.loss_kwargs, '--loss-kwargs'))
+        self.step_module = TrainStep(self.model, self.criterion).to(dist_info.device)
+        if config['channels_last']:
+            self.step_module.to(memory_format=torch.channels_last)
+        self.ema = (ModelEmaV3(self.model, decay=args.model_ema_decay, use_warmup=True, warmup_power=3 / 4)
+                    if args.model_ema else None)
+        self.optimizer = create_optimizer_v2(self.step_module, opt=config['opt'], lr=config['lr'],
+                                             weight_decay=config['weight_decay'], momentum=config['momentum'],
+                                             filter_bias_and_bn=not config['wd_bn_bias'])
+        per_epoch = config['sched'] in ('multistep', 'step')
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=config['sched'], num_epochs=config['epochs'], decay_milestones=config['milestones'],
+            decay_epochs=config['milestones'][0] if config['sched'] == 'step' else None,
+            decay_rate=config['decay_rate'], min_lr=config['min_lr'], warmup_lr=config['warmup_lr'],
+            warmup_epochs=config['warmup_epochs'], step_on_epochs=per_epoch, updates_per_epoch=steps_per_epoch)
+
+    def wrapped(self, args, dist_info: _Distributed) -> nn.Module:
+        """The module the training step calls: DDP across processes, ``torch.compile`` with ``--compile``
+        (evaluation and checkpoints use the plain modules, which share the parameters)."""
+        module = self.step_module
+        if dist_info.enabled:
+            module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[dist_info.device.index] if dist_info.device.type == 'cuda' else None,
+                find_unused_parameters=args.find_unused_parameters or any(True for _ in self.criterion.parameters()))
+        return torch.compile(module) if args.compile else module
+
+    def state(self, **progress) -> Dict[str, Any]:
+        return dict(model=self.model.state_dict(), criterion=self.criterion.state_dict(),
+                    model_ema=self.ema.module.state_dict() if self.ema is not None else None,
+                    optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), **progress)
+
+
+def _train_epoch(parts: _RunParts, step_fn: nn.Module, loader: DataLoader, epoch: int, global_step: int,
+                 config: Dict[str, Any], dist_info: _Distributed, progress: bool) -> Tuple[float, int, int]:
+    """One epoch of training steps; returns ``(loss sum, steps, global step)``."""
+    parts.step_module.train()
+    loss_sum, steps = 0.0, 0
+    bar = tqdm(loader, desc=f'epoch {epoch + 1}/{config["epochs"]}', leave=False, disable=not progress,
+               dynamic_ncols=True)
+    for images, target in bar:
+        images = images.to(dist_info.device, non_blocking=True)
+        target = target.to(dist_info.device, non_blocking=True)
+        if config['channels_last']:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(config['amp'], dist_info.device):
+            loss = step_fn(images, target)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1} step {steps + 1}: lower --lr')
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parts.optimizer.step()
+        global_step += 1
+        parts.scheduler.step_update(num_updates=global_step)
+        if parts.ema is not None:
+            parts.ema.update(parts.model, step=global_step)
+        loss_sum += loss.item()
+        steps += 1
+        bar.set_postfix(loss=f'{loss_sum / steps:.4f}', lr=f'{parts.optimizer.param_groups[0]["lr"]:.4g}')
+    parts.scheduler.step(epoch + 1)
+    return loss_sum, steps, global_step
+
+
+def _validate(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, dist_info: _Distributed,
+              config: Dict[str, Any], args) -> List[float]:
+    if isinstance(model, SDPointResNet):
+        recalibrate_full_instance(model, train_loader, dist_info.device, config, args)
+    return evaluate(model, val_loader, dist_info, config)
+
+
+def _export(args, config: Dict[str, Any], parts: _RunParts, entry: Optional[Dict[str, Any]], train_loader, val_loader,
+            val_set, train_images: int, train_time: float, dist_info: _Distributed) -> None:
+    """Rank 0 at the end of the run: the model, or its EMA when that validated better, exported Hub-ready."""
+    accuracy = entry.get('val_top1') if entry else None
+    model, note = parts.model, args.export_note
+    ema_accuracy = entry.get('val_top1_ema') if entry else None
+    if ema_accuracy and (accuracy is None or np.mean(ema_accuracy) > np.mean(accuracy)):
+        model, accuracy = parts.ema.module, ema_accuracy
+        note = '; '.join(filter(None, [note, f'EMA of the weights (decay {args.model_ema_decay})']))
+        print('exporting the EMA weights: they validated better')
+    per_instance = None
+    if isinstance(model, SDPointResNet):
+        per_instance = finish_sdpoint(model, train_loader, val_set, dist_info.device, config, args)
+        accuracy = [per_instance[NIL.name]]
+        print('per-instance val top-1: ' + ', '.join(f'{k} {v:.2f}' for k, v in per_instance.items()))
+    if accuracy is None:
+        accuracy = evaluate(model, val_loader, dist_info, config)
+    export = Path(args.export) if args.export else Path(args.output) / 'pretrained'
+    recipe = {k: config[k] for k in ('preset', 'epochs', 'batch_size', 'opt', 'lr', 'weight_decay', 'sched',
+                                     'label_smoothing', 'augment', 'amp')}
+    save_pretrained(
+        model.eval(), export, model_name=args.export_name, per_exit_accuracy=accuracy,
+        accuracy_dataset=f'{args.dataset} {"test" if _is_cifar(args.dataset) else "val"} ({len(val_set)} images)',
+        training=dict(recipe, trainer='dynzoo.train', processes=dist_info.world_size,
+                      train_time_h=round(train_time / 3600, 2), train_images=train_images,
+                      **({'note': note} if note else {})),
+        dtype=getattr(torch, args.export_dtype), data_config=_normalization(val_set),
+        per_instance_accuracy=per_instance)
+    print(f'done: per-exit val top-1 {[round(a, 2) for a in accuracy]}; Hub-ready weights in {export}')
+
+
 def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, Any]:
     output = Path(args.output)
-    last = output / 'last.pth'
-    checkpoint = None
-    if args.resume:
-        path = last if args.resume == 'auto' else Path(args.resume)
-        if path.is_file():
-            checkpoint = load_checkpoint_file(path)
-        elif args.resume != 'auto':
-            raise FileNotFoundError(f'--resume {path}: no such checkpoint')
-    elif last.exists():
-        raise FileExistsError(f'{last} exists: pass --resume to continue that run, or choose another --output')
+    checkpoint = _resume_state(args, output)
     if dist_info.is_main:
         output.mkdir(parents=True, exist_ok=True)
-
+        if args.compact_dir:
+            Path(args.compact_dir).mkdir(parents=True, exist_ok=True)
     random.seed(args.seed + dist_info.rank)
     np.random.seed(args.seed + dist_info.rank)
     torch.manual_seed(args.seed + dist_info.rank)
-
-    num_classes = args.num_classes or DATASET_CLASSES.get(args.dataset)
-    model_kwargs = parse_key_values(args.model_kwargs, '--model-kwargs')
-    if num_classes:
-        model_kwargs['num_classes'] = num_classes
-    build = create_model if is_dynzoo_model(args.model) else timm.create_model
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build(args.model, pretrained=args.pretrained, **model_kwargs)
-    torch.manual_seed(args.seed + dist_info.rank)
-    criterion = build_loss(model, args.model, config, parse_key_values(args.loss_kwargs, '--loss-kwargs'))
-    step_module = TrainStep(model, criterion).to(dist_info.device)
-    if config['channels_last']:
-        step_module.to(memory_format=torch.channels_last)
 
     train_set, val_set = build_datasets(args, config)
     sampler = GlobalBatchSampler(len(train_set), config['batch_size'], dist_info.rank, dist_info.world_size,
@@ -516,133 +664,67 @@ def _train(args, config: Dict[str, Any], dist_info: _Distributed) -> Dict[str, A
     val_shard = Subset(val_set, range(dist_info.rank, len(val_set), dist_info.world_size))
     val_loader = _loader(val_shard, dist_info.device, args.workers,
                          batch_size=max(config['batch_size'] // dist_info.world_size, 1) * 2)
-
-    optimizer = create_optimizer_v2(step_module, opt=config['opt'], lr=config['lr'],
-                                    weight_decay=config['weight_decay'], momentum=config['momentum'],
-                                    filter_bias_and_bn=not config['wd_bn_bias'])
-    per_epoch = config['sched'] in ('multistep', 'step')
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=config['sched'], num_epochs=config['epochs'], decay_milestones=config['milestones'],
-        decay_epochs=config['milestones'][0] if config['sched'] == 'step' else None,
-        decay_rate=config['decay_rate'], min_lr=config['min_lr'], warmup_lr=config['warmup_lr'],
-        warmup_epochs=config['warmup_epochs'], step_on_epochs=per_epoch, updates_per_epoch=len(sampler))
-
+    parts = _RunParts(args, config, dist_info, len(sampler))
     start_epoch, global_step, history, train_time = 0, 0, [], 0.0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint['model'])
-        criterion.load_state_dict(checkpoint['criterion'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        schedule_keys = ('epochs', 'sched', 'milestones', 'decay_rate', 'warmup_epochs', 'warmup_lr', 'min_lr', 'lr')
-        if all(checkpoint['config'].get(k) == config[k] for k in schedule_keys):
-            scheduler.load_state_dict(checkpoint['scheduler'])
-        else:  # timm's schedulers are functions of the step: the new schedule continues from global_step
-            for group in optimizer.param_groups:
-                group['initial_lr'] = config['lr']
-        start_epoch, global_step = checkpoint['epoch'], checkpoint['global_step']
-        history, train_time = checkpoint['history'], checkpoint['train_time']
-        rng = checkpoint['rng']
-        if len(rng) == dist_info.world_size:
-            _set_rng_state(rng[dist_info.rank])
-        elif dist_info.is_main:
-            print(f'resuming on {dist_info.world_size} processes a run saved on {len(rng)}: random streams differ')
-        changed = {k: (checkpoint['config'].get(k), v) for k, v in config.items() if checkpoint['config'].get(k) != v}
-        if changed and dist_info.is_main:
-            print(f'resuming with changed settings (checkpoint, now): {changed}')
-        if dist_info.is_main:
-            print(f'resumed from epoch {start_epoch} ({global_step} steps)')
-    if isinstance(model, SDPointResNet):
-        model.clear_bn_stats()  # stored per-instance statistics describe the weights before this run's steps
-
-    if dist_info.enabled:
-        ddp = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[dist_info.device.index] if dist_info.device.type == 'cuda' else None,
-            find_unused_parameters=args.find_unused_parameters or any(True for _ in criterion.parameters()))
-    else:
-        ddp = step_module
-    if args.compile:  # evaluation and checkpoints use the uncompiled modules, which share the parameters
-        ddp = torch.compile(ddp)
-    record = dict(model=args.model, model_kwargs=model_kwargs, dataset=args.dataset, world_size=dist_info.world_size,
-                  config=config, epochs=history)
+        start_epoch, global_step, history, train_time = _restore(checkpoint, parts, config, dist_info)
+    if isinstance(parts.model, SDPointResNet):  # stored per-instance statistics describe the weights before this run
+        for model in filter(None, [parts.model, parts.ema and parts.ema.module]):
+            model.clear_bn_stats()
+    step_fn = parts.wrapped(args, dist_info)
+    record = dict(model=args.model, model_kwargs=parts.model_kwargs, dataset=args.dataset,
+                  world_size=dist_info.world_size, config=config, epochs=history)
     if dist_info.is_main:
         print(f'training {args.model} on {args.dataset} ({len(train_set)} images, {len(sampler)} steps/epoch) with '
               f'preset {config["preset"]}: ' + ', '.join(f'{k}={v}' for k, v in config.items() if k != 'preset'))
 
-    accuracy = history[-1]['val_top1'] if history and history[-1].get('val_top1') else None
-    for epoch in range(start_epoch, config['epochs']):
+    stop = config['epochs'] if args.stop_after_epochs is None else min(config['epochs'],
+                                                                        start_epoch + args.stop_after_epochs)
+    for epoch in range(start_epoch, stop):
         sampler.set_epoch(epoch)
-        step_module.train()
         started = time.time()
-        loss_sum, steps = 0.0, 0
-        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{config["epochs"]}', leave=False,
-                   disable=args.no_progress or not dist_info.is_main, dynamic_ncols=True)
-        for images, target in bar:
-            images = images.to(dist_info.device, non_blocking=True)
-            target = target.to(dist_info.device, non_blocking=True)
-            if config['channels_last']:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with _autocast(config['amp'], dist_info.device):
-                loss = ddp(images, target)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1} step {steps + 1}: lower --lr')
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            global_step += 1
-            scheduler.step_update(num_updates=global_step)
-            loss_sum += loss.item()
-            steps += 1
-            bar.set_postfix(loss=f'{loss_sum / steps:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.4g}')
-        scheduler.step(epoch + 1)
+        loss_sum, steps, global_step = _train_epoch(parts, step_fn, train_loader, epoch, global_step, config,
+                                                    dist_info, dist_info.is_main and not args.no_progress)
         elapsed = time.time() - started
-        loss_total, step_total = dist_info.sum([loss_sum, steps])
-        last_epoch = epoch + 1 == config['epochs']
-        if last_epoch or (epoch + 1) % args.eval_interval == 0:
-            if isinstance(model, SDPointResNet):
-                recalibrate_full_instance(model, train_loader, dist_info.device, config, args)
-            accuracy = evaluate(model, val_loader, dist_info, config)
-        else:
-            accuracy = None
         train_time += elapsed
-        entry = dict(epoch=epoch + 1, train_loss=loss_total / max(step_total, 1), lr=optimizer.param_groups[0]['lr'],
-                     val_top1=accuracy, epoch_time_s=round(elapsed, 2),
+        loss_total, step_total = dist_info.sum([loss_sum, steps])
+        entry = dict(epoch=epoch + 1, train_loss=loss_total / max(step_total, 1),
+                     lr=parts.optimizer.param_groups[0]['lr'], val_top1=None, epoch_time_s=round(elapsed, 2),
                      images_per_s=round(len(sampler) * config['batch_size'] / elapsed, 1))
+        if epoch + 1 == config['epochs'] or (epoch + 1) % args.eval_interval == 0:
+            entry['val_top1'] = _validate(parts.model, train_loader, val_loader, dist_info, config, args)
+            if parts.ema is not None:
+                entry['val_top1_ema'] = _validate(parts.ema.module, train_loader, val_loader, dist_info, config, args)
         history.append(entry)
         rng = dist_info.gather(_rng_state())
         if dist_info.is_main:
-            save_checkpoint(last, dict(
-                epoch=epoch + 1, global_step=global_step, model=model.state_dict(), criterion=criterion.state_dict(),
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng, history=history,
-                train_time=train_time, config=config, model_name=args.model))
-            _atomic_write(output / 'log.json', lambda f: f.write(json.dumps(record, indent=1).encode()))
-            top1 = ' '.join(f'{a:.2f}' for a in accuracy) if accuracy else '-'
-            tqdm.write(f'epoch {epoch + 1}/{config["epochs"]}  loss {entry["train_loss"]:.4f}  lr {entry["lr"]:.4g}  '
-                       f'val top-1 per exit [{top1}]  {elapsed:.0f}s ({entry["images_per_s"]:.0f} img/s)')
+            state = parts.state(epoch=epoch + 1, global_step=global_step, rng=rng, history=history,
+                                train_time=train_time, config=config, model_name=args.model)
+            save_checkpoint(output / 'last.pth', state)
+            if args.compact_dir:
+                save_compact_state(Path(args.compact_dir) / COMPACT_NAME, state)
+            atomic_write(output / 'log.json', lambda f: f.write(json.dumps(record, indent=1).encode()))
+            tqdm.write(_epoch_line(entry, config))
 
     record['train_time_s'] = round(train_time, 1)
     if dist_info.is_main:
-        _atomic_write(output / 'log.json', lambda f: f.write(json.dumps(record, indent=1).encode()))
-        per_instance = None
-        if isinstance(model, SDPointResNet):
-            per_instance = finish_sdpoint(model, train_loader, val_set, dist_info.device, config, args)
-            accuracy = [per_instance[NIL.name]]
-            print('per-instance val top-1: ' + ', '.join(f'{k} {v:.2f}' for k, v in per_instance.items()))
-        if accuracy is None:
-            accuracy = evaluate(model, val_loader, dist_info, config)
-        export = Path(args.export) if args.export else output / 'pretrained'
-        recipe = {k: config[k] for k in ('preset', 'epochs', 'batch_size', 'opt', 'lr', 'weight_decay', 'sched',
-                                         'label_smoothing', 'augment', 'amp')}
-        save_pretrained(
-            model.eval(), export, model_name=args.export_name, per_exit_accuracy=accuracy,
-            accuracy_dataset=f'{args.dataset} {"test" if _is_cifar(args.dataset) else "val"} ({len(val_set)} images)',
-            training=dict(recipe, trainer='dynzoo.train', processes=dist_info.world_size,
-                          train_time_h=round(train_time / 3600, 2), train_images=len(train_set),
-                          **({'note': args.export_note} if args.export_note else {})),
-            dtype=getattr(torch, args.export_dtype), data_config=_normalization(val_set),
-            per_instance_accuracy=per_instance)
-        print(f'done: per-exit val top-1 {[round(a, 2) for a in accuracy]}; Hub-ready weights in {export}')
-    elif accuracy is None:
-        evaluate(model, val_loader, dist_info, config)  # rank 0 evaluates collectively: join it
+        atomic_write(output / 'log.json', lambda f: f.write(json.dumps(record, indent=1).encode()))
+    if stop < config['epochs']:
+        print(f'stopped after epoch {stop} of {config["epochs"]}: continue with --resume')
+    elif dist_info.is_main:
+        _export(args, config, parts, history[-1] if history else None, train_loader, val_loader, val_set,
+                len(train_set), train_time, dist_info)
+    elif not (history and history[-1].get('val_top1')):
+        evaluate(parts.model, val_loader, dist_info, config)  # rank 0 evaluates collectively: join it
     return record
+
+
+def _epoch_line(entry: Dict[str, Any], config: Dict[str, Any]) -> str:
+    top1 = lambda accuracy: ' '.join(f'{a:.2f}' for a in accuracy) if accuracy else '-'
+    ema = f'  EMA [{top1(entry["val_top1_ema"])}]' if entry.get('val_top1_ema') else ''
+    return (f'epoch {entry["epoch"]}/{config["epochs"]}  loss {entry["train_loss"]:.4f}  lr {entry["lr"]:.4g}  '
+            f'val top-1 per exit [{top1(entry["val_top1"])}]{ema}  {entry["epoch_time_s"]:.0f}s '
+            f'({entry["images_per_s"]:.0f} img/s)')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

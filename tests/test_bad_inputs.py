@@ -4,6 +4,7 @@ A row is ``Case(id, call, raises=..., match=...)`` for an expected error (``matc
 must contain), or ``Case(id, call, check=...)`` for a call that must succeed (``check`` asserts on its result).
 Rows are grouped by area; a new case costs one row.
 """
+import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Type
 
@@ -45,7 +46,19 @@ CASES += [
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
+def _train(*argv):
+    from dynzoo import train
+    parser = argparse.ArgumentParser()
+    train.add_train_args(parser)
+    return train.run_train(parser.parse_args(['--model', 'msdnet_cifar_b7', '--dataset', 'synthetic', '--workers', '0',
+                                              '--output', '/nonexistent/dynzoo-run', *argv]))
+
+
 CASES += [
+    Case('train --epochs 0', lambda: _train('--epochs', '0'), ValueError, '--epochs must be a positive whole number'),
+    Case('train --epochs -3', lambda: _train('--epochs', '-3'), ValueError, '--epochs must be a positive'),
+    Case('train --batch-size 0', lambda: _train('--batch-size', '0'), ValueError, '--batch-size must be a positive'),
+    Case('train --batch-size -8', lambda: _train('--batch-size', '-8'), ValueError, '--batch-size must be a posit'),
 ]
 
 

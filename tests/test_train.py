@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
@@ -164,6 +165,38 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, monkeypatch):
     dtrain.run_train(_args(*longer, '--output', tmp_path / 'straight', '--resume'))
     extended = _final_state(tmp_path / 'straight')
     assert extended['epoch'] == 5 and straight['history'][-1]['lr'] == 0 < extended['history'][3]['lr']
+
+
+def test_resume_from_compact_state_continues_the_schedule_with_ema(tmp_path):
+    """The machine lost the full state (last.pth): the committed compact copy resumes the same schedule at the same
+    epoch, step and learning rate, EMA included."""
+    common = TINY_MSDNET + FAST + ['--preset', 'fast_cifar', '--epochs', '4', '--warmup-epochs', '1', '--model-ema']
+    dtrain.run_train(_args(*common, '--output', tmp_path / 'straight'))
+    straight = _final_state(tmp_path / 'straight')
+
+    run, compact = tmp_path / 'run', tmp_path / 'training' / 'run'
+    dtrain.run_train(_args(*common, '--output', run, '--compact-dir', compact, '--stop-after-epochs', '2'))
+    assert _final_state(run)['epoch'] == 2 and not (run / 'pretrained').exists()
+    stored = safetensors.torch.load_file(compact / 'state.safetensors')
+    assert stored['model.blocks.0.0.layers.0.net.0.weight'].dtype == torch.float16
+    assert stored['model_ema.blocks.0.0.layers.0.net.0.weight'].dtype == torch.float16
+    assert {v.dtype for k, v in stored.items() if k.startswith('optimizer.')} == {torch.bfloat16}
+    assert (compact / 'state.safetensors').stat().st_size < (run / 'last.pth').stat().st_size / 1.5
+    (run / 'last.pth').unlink()
+    with pytest.raises(FileExistsError, match='--resume'):  # a fresh start would overwrite the compact state
+        dtrain.run_train(_args(*common, '--output', run, '--compact-dir', compact))
+
+    dtrain.run_train(_args(*common, '--output', run, '--compact-dir', compact, '--resume'))
+    resumed = _final_state(run)
+    assert resumed['epoch'] == 4 and resumed['global_step'] == straight['global_step'] == 16
+    assert [e['epoch'] for e in resumed['history']] == [1, 2, 3, 4]
+    for ours, theirs in zip(resumed['history'], straight['history']):
+        assert ours['lr'] == pytest.approx(theirs['lr'], rel=1e-9, abs=1e-12)
+    assert straight['history'][1]['lr'] > straight['history'][2]['lr'] > 0  # epochs 3-4 ran the cosine's tail
+    assert len(resumed['history'][-1]['val_top1_ema']) == 2
+    ema, model = resumed['model_ema'], resumed['model']
+    assert any(not torch.equal(ema[k], model[k]) for k in model if model[k].is_floating_point())
+    assert (run / 'pretrained' / 'model.safetensors').is_file()
 
 
 def test_compiled_training_equals_eager_and_saves_plain_keys(tmp_path):
