@@ -50,9 +50,9 @@ class _ExitGraph(nn.Module):
         return tuple(outputs)
 
 
-def _deprecated(old: str, new: str, note: str = '') -> None:
+def _deprecated(old: str, new: str, note: str = '', stacklevel: int = 3) -> None:
     warnings.warn(f'{old} is deprecated: use {new} (dynzoo counts multiply-adds, MACs){note}', DeprecationWarning,
-                  stacklevel=3)
+                  stacklevel=stacklevel)
 
 
 class MacsRow(dict):

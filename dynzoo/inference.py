@@ -43,8 +43,8 @@ class EarlyExitResult:
     ``exits`` holds the 0-based exit that answered; with ``fallback='ensemble'`` the value ``num_exits`` means that
     no exit fired and the mean of all exits' logits answered. ``macs`` is the total multiply-adds spent on the batch
     (None when no per-exit costs were given to a simulation); ``samples_per_stage[k]`` how many samples ran stage k.
-    ``nonfinite[i]`` is True when the logits that answered for sample i held a NaN or an infinity (a non-finite
-    input, or an overflow): its prediction means nothing (a ``RuntimeWarning`` says so too).
+    ``nonfinite[i]`` is True when the logits that answered for sample i held a NaN or +Inf, or were all -Inf (a
+    non-finite input, or an overflow): its prediction means nothing (a ``RuntimeWarning`` says so too).
     """
     predictions: torch.Tensor
     exits: torch.Tensor
@@ -100,9 +100,9 @@ def _renamed(macs, flops, where: str):
     """The ``macs`` argument, or the deprecated ``flops`` one (with a warning)."""
     if flops is None:
         return macs
-    _deprecated(f'{where}(flops=...)', f'{where}(macs=...)')
     if macs is not None:
         raise ValueError(f'{where} got both macs= and its deprecated alias flops=: pass macs= only')
+    _deprecated(f'{where}(flops=...)', f'{where}(macs=...)', stacklevel=4)
     return flops
 
 
@@ -225,7 +225,7 @@ def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits
                 leave = torch.ones_like(leave)
             leaving = inside[leave]
             predictions[leaving], exits[leaving] = prediction[leave], k
-            nonfinite[leaving] = ~torch.isfinite(logits[leave]).all(1)
+            nonfinite[leaving] = ~torch.isfinite(logits[leave].amax(1))  # NaN, +Inf or all -Inf
             keep = torch.nonzero(~leave).squeeze(1)
             inside = inside[keep]
             if len(inside) == 0 or k == num_exits - 1:
@@ -239,7 +239,7 @@ def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits
         exit_logits.close()
     if len(inside):
         predictions[inside], exits[inside] = logit_sum.argmax(1), num_exits
-        nonfinite[inside] = ~torch.isfinite(logit_sum).all(1)
+        nonfinite[inside] = ~torch.isfinite(logit_sum.amax(1))
     if nonfinite.any():
         flagged = torch.nonzero(nonfinite).squeeze(1).tolist()
         warnings.warn(f'{len(flagged)} of {num_samples} samples got non-finite logits (NaN or Inf: check the input) '
