@@ -263,3 +263,13 @@ def test_select_instance(manifest):
         select_instance(flops, 4.0e9, {'p7_75': 0.74})
     with pytest.raises(ValueError, match=r'cheapest is \(16, 0\.5\)'):
         select_instance(flops, 1e9)
+
+
+def test_instance_macs_count_what_per_exit_macs_counts():
+    model = dynzoo.create_model('sdpoint_preresnet_cifar', num_classes=10)
+    full = instance_macs(model, instances=[NIL])[NIL]
+    assert full == dynzoo.per_exit_macs(model)[0]  # conv + linear by default, both
+    everything = instance_macs(model, instances=[NIL], ops=None)[NIL]
+    assert everything > full  # fvcore's full count adds batch norm and pooling
+    with pytest.warns(DeprecationWarning, match='pass ops=None for the count instance_flops gave'):
+        assert dynzoo.instance_flops(model, instances=[NIL]) == {NIL: everything}
