@@ -1,4 +1,4 @@
-"""Wall-clock time of real early exit against the full forward, next to the MACs ratio (CPU).
+"""Time of real early exit against the full forward, next to the MACs ratio (CPU).
 
 Thresholds are fitted on held-out images for MSDNet's geometric exit distributions (and for the q whose held-out
 expected MACs come closest to ``--target-ratio`` of the full model), then one test batch runs through the call as the
@@ -15,6 +15,8 @@ Each ``--variants`` entry times its own copy of the model, the same one for earl
 ``optimized`` (``dynzoo.optimize_for_inference``: fused, 1x1 convolutions as batched matrix products, the bottlenecks
 reading the same scale merged into one, dense layers growing their feature maps in place). Thresholds come from the
 plain model for every variant.
+``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine shared with other jobs,
+time slices lost to them then do not count (with one thread; memory-bandwidth and cache contention still do).
 ``--allocator retain`` first calls ``dynzoo.inference.retain_freed_memory()``
 (see its docstring: without it every forward page-faults its large feature maps anew, which costs MSDNet's 32x32
 stages far more time than their multiply-adds).
@@ -64,6 +66,9 @@ def parse_args():
                         help="retain: dynzoo.inference.retain_freed_memory() (glibc keeps freed memory, no page "
                              "faults on reused feature maps); default: the C library's own behaviour")
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--clock', choices=sorted(CLOCKS), default='wall',
+                        help="cpu: the process's CPU time (time.process_time), which time slices lost to other "
+                             "processes on a shared machine do not inflate; meant for --threads 1")
     parser.add_argument('--seed', type=int, default=0)
     return parser.parse_args()
 
@@ -84,25 +89,31 @@ def load_splits(args, transform):
     return source, Subset(train, heldout_index.tolist()), Subset(test, np.sort(test_index).tolist())
 
 
+CLOCKS = dict(wall=time.perf_counter, cpu=time.process_time)
+clock = CLOCKS['wall']
+
+
 def timed(fn) -> float:
-    start = time.perf_counter()
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def stage_seconds(model, x):
     """Seconds of stage k plus head k on the whole batch, for every k (one full pass)."""
     seconds, state = [], x
     for k in range(model.num_exits):
-        start = time.perf_counter()
+        start = clock()
         state = model.forward_stage(k, state)
         model.forward_head(k, state)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(clock() - start)
     return seconds
 
 
 def main():
+    global clock
     args = parse_args()
+    clock = CLOCKS[args.clock]
     if args.allocator == 'retain' and not retain_freed_memory():
         raise SystemExit('--allocator retain needs glibc (Linux)')
     torch.set_num_threads(args.threads)
@@ -124,7 +135,7 @@ def main():
     points = sorted(set(args.q) | {target_q})
 
     print(f'{args.model}, {source} CIFAR-10, batch {len(labels)}, {args.threads} CPU thread(s), '
-          f'best of {args.repeats}, {args.allocator} allocator; thresholds fitted on {len(heldout)} held-out images; '
+          f'best of {args.repeats}, {args.clock} clock, {args.allocator} allocator; thresholds fitted on {len(heldout)} held-out images; '
           f'full model {full_macs / 1e6:.2f} MMACs (fvcore cascade, all exits)')
     rows = []
     for variant in args.variants:

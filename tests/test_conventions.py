@@ -23,7 +23,7 @@ def test_collect_logits_on_single_and_multi_exit_models():
     assert [t.shape for t in multi] == [(6, 10)] * 5
 
 
-def test_flops_follow_the_models_input_channels():
+def test_macs_follow_the_models_input_channels():
     rgb = dynzoo.per_exit_macs(dynzoo.create_model('msdnet_cifar_lin5'))
     gray = dynzoo.per_exit_macs(dynzoo.create_model('msdnet_cifar_lin5', in_chans=1))
     stem_rgb_minus_gray = 16 * 2 * 3 * 3 * 32 * 32  # only the first conv sees the input channels
