@@ -1,7 +1,7 @@
 """Budgeted batch: MSDNet's geometric thresholds against dynzoo's genetic threshold search, on the same logits.
 
 For each geometric operating point q, thresholds are fitted on the held-out logits (MSDNet protocol); the genetic
-search then gets the held-out expected FLOPs of that point as its budget. Both sets of thresholds are applied to the
+search then gets the held-out expected MACs of that point as its budget. Both sets of thresholds are applied to the
 test logits. Logits come from a model (``--model``, random weights unless ``--checkpoint``) or from
 ``--synthetic`` exits whose confidence tells right from wrong, which is what a trained model provides.
 
@@ -74,9 +74,9 @@ def model_logits(args):
         test = Subset(test, test_index.tolist())
     val_logits, val_labels = collect_logits(model, DataLoader(heldout, batch_size=250), progress=True)
     test_logits, test_labels = collect_logits(model, DataLoader(test, batch_size=250), progress=True)
-    flops = dynzoo.per_exit_flops(model, scope='cascade')
+    macs = dynzoo.per_exit_macs(model, scope='cascade')
     name = f'{args.model} ({"checkpoint" if args.checkpoint else "random weights"}, {source})'
-    return name, val_logits, val_labels, test_logits, test_labels, flops
+    return name, val_logits, val_labels, test_logits, test_labels, macs
 
 
 def main():
@@ -85,26 +85,26 @@ def main():
     if args.synthetic:
         val_logits, val_labels = synthetic_logits(2000, args.seed)
         test_logits, test_labels = synthetic_logits(2000, args.seed + 1)
-        flops = [float(f) for f in np.cumsum([20, 20, 20, 20, 20])]
+        macs = [float(f) for f in np.cumsum([20, 20, 20, 20, 20])]
         name = 'synthetic 5-exit logits'
     else:
-        name, val_logits, val_labels, test_logits, test_labels, flops = model_logits(args)
+        name, val_logits, val_labels, test_logits, test_labels, macs = model_logits(args)
     single = [(l.argmax(1) == test_labels).double().mean().item() for l in test_logits]
-    print(f'{name}: {len(val_labels)} held-out, {len(test_labels)} test; cascade FLOPs per exit (M): '
-          f'{" ".join(f"{f / 1e6:.2f}" if f > 1e3 else f"{f:g}" for f in flops)}')
+    print(f'{name}: {len(val_labels)} held-out, {len(test_labels)} test; cascade MACs per exit (M): '
+          f'{" ".join(f"{f / 1e6:.2f}" if f > 1e3 else f"{f:g}" for f in macs)}')
     print(f'single-exit test top-1: {" ".join(f"{a:.3f}" for a in single)}')
-    rows = evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, flops)[::args.every]
-    print('| q | budget (held-out FLOPs) | geometric: top-1 | geometric: FLOPs | GA: top-1 | GA: FLOPs | '
+    rows = evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, macs)[::args.every]
+    print('| q | budget (held-out MACs) | geometric: top-1 | geometric: MACs | GA: top-1 | GA: MACs | '
           'held-out top-1: geometric | held-out top-1: GA |')
     print('|---|---|---|---|---|---|---|---|')
     for row in rows:
-        fitted = simulate_early_exit(val_logits, row['thresholds'], flops)
-        budget = fitted.mean_flops
-        search = genetic_threshold_search(val_logits, val_labels, flops, budget=budget,
+        fitted = simulate_early_exit(val_logits, row['thresholds'], macs)
+        budget = fitted.mean_macs
+        search = genetic_threshold_search(val_logits, val_labels, macs, budget=budget,
                                           generations=args.generations, seed=args.seed)
-        test = simulate_early_exit(test_logits, search.thresholds, flops)
-        print(f'| {row["q"]:.2f} | {budget:.4g} | {row["accuracy"]:.3f} | {row["expected_flops"]:.4g} | '
-              f'{test.accuracy(test_labels):.3f} | {test.mean_flops:.4g} | {fitted.accuracy(val_labels):.3f} | '
+        test = simulate_early_exit(test_logits, search.thresholds, macs)
+        print(f'| {row["q"]:.2f} | {budget:.4g} | {row["accuracy"]:.3f} | {row["expected_macs"]:.4g} | '
+              f'{test.accuracy(test_labels):.3f} | {test.mean_macs:.4g} | {fitted.accuracy(val_labels):.3f} | '
               f'{search.accuracy:.3f} |')
 
 

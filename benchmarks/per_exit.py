@@ -1,7 +1,7 @@
 """Per-exit cost table: ``python benchmarks/per_exit.py msdnet_step4 msdnet_cifar_b7 ...``.
 
 For each model, one row per exit: cumulative parameters and multiply-adds (fvcore, conv + linear) for the cascade,
-standalone and lazy scopes, and the authors' own FLOPs count where one exists. Same as ``dynzoo bench``.
+standalone and lazy scopes, and the authors' own count where one exists. Same as ``dynzoo bench``.
 """
 import sys
 

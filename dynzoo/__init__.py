@@ -1,9 +1,9 @@
 """dynzoo: dynamic (early-exit, cost-adjustable) image classifiers on timm's registry."""
 from . import models
 from .factory import PretrainedWeightsNotFoundError, UnknownModelError, create_model, is_dynzoo_model, list_models
-from .flops import count_macs, per_exit_flops, per_exit_params
+from .flops import count_macs, per_exit_flops, per_exit_macs, per_exit_params
 from .models import CheckpointMismatchError, MultiExitNetwork
-from .sdpoint import instance_flops
+from .sdpoint import instance_flops, instance_macs
 from .hub import CheckpointFileError, push_to_hub, save_pretrained
 from .inference import early_exit, evaluate_budgeted, fit_thresholds
 from .evaluate import evaluate_anytime

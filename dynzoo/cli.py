@@ -10,7 +10,7 @@ from .inference import retain_freed_memory
 
 # subcommand -> (module, function adding its arguments, function running it, help)
 COMMANDS = {
-    'bench': ('dynzoo.evaluate', 'add_bench_args', 'run_bench', 'per-exit table: FLOPs, parameters, accuracy'),
+    'bench': ('dynzoo.evaluate', 'add_bench_args', 'run_bench', 'per-exit table: MACs, parameters, accuracy'),
     'eval': ('dynzoo.evaluate', 'add_eval_args', 'run_eval', 'anytime / budgeted-batch / early-exit evaluation'),
     'train': ('dynzoo.train', 'add_train_args', 'run_train', "train a model with the authors' or a fast recipe"),
     'convert': ('dynzoo.hub', 'add_convert_args', 'run_convert',

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .data import CIFAR_NUM_CLASSES, cifar_dataset, holdout_indices
 from .factory import create_model
-from .flops import per_exit_flops, per_exit_params, per_exit_table
+from .flops import MacsRow, per_exit_macs, per_exit_params, per_exit_table
 from .inference import early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions
 from .models import MultiExitNetwork
 
@@ -28,10 +28,12 @@ __all__ = ['ResultTable', 'collect_logits', 'evaluate_anytime', 'eval_transform'
 
 
 class ResultTable:
-    """Rows of results (dicts) that print as a text table, save as JSON and plot as accuracy vs FLOPs."""
+    """Rows of results (dicts) that print as a text table, save as JSON and plot as accuracy vs MACs. A row's
+    deprecated ``*flops*`` keys read as its ``*macs*`` ones."""
 
     def __init__(self, title: str, rows: List[Dict], x: str, y: str, meta: Optional[Dict] = None):
-        self.title, self.rows, self.x, self.y, self.meta = title, rows, x, y, dict(meta or {})
+        self.title, self.rows, self.x, self.y = title, [MacsRow(row) for row in rows], x, y
+        self.meta = MacsRow(meta or {})
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -75,12 +77,12 @@ class ResultTable:
         return path
 
     def plot(self, path, label: Optional[str] = None) -> Path:
-        """Save a PNG of ``y`` (accuracy) against ``x`` (FLOPs, in millions) with matplotlib."""
+        """Save a PNG of ``y`` (accuracy) against ``x`` (MACs, in millions) with matplotlib."""
         return plot_tables([self], path, self.title, labels=[label] if label else None)
 
 
 def plot_tables(tables: Sequence[ResultTable], path, title: str, labels: Optional[Sequence[str]] = None) -> Path:
-    """One PNG with a curve per table (``y`` against ``x``, FLOPs in millions), labelled by model by default: e.g.
+    """One PNG with a curve per table (``y`` against ``x``, MACs in millions), labelled by model by default: e.g.
     the budgeted-batch curves of a network and its baseline."""
     import matplotlib
     matplotlib.use('Agg')
@@ -94,7 +96,7 @@ def plot_tables(tables: Sequence[ResultTable], path, title: str, labels: Optiona
                 np.asarray(table.column(table.y), dtype=float) * (100 if is_accuracy else 1e-6),
                 marker='o', markersize=3, label=labels[i] if labels else table.meta.get('model'))
     first = tables[0]
-    ax.set_xlabel(f'{first.x} (MFLOPs, multiply-adds)')
+    ax.set_xlabel(f'{first.x} (MMACs, multiply-adds)')
     ax.set_ylabel(f'{first.y} (%)' if first.y in ('top1', 'top5', 'accuracy') else f'{first.y} (M)')
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -134,19 +136,19 @@ def _topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 
 def evaluate_anytime(model, loader, progress: bool = False) -> ResultTable:
-    """Top-1/top-5 of every exit on ``loader`` (no ensembling, as MSDNet's anytime mode), with per-exit fvcore FLOPs
+    """Top-1/top-5 of every exit on ``loader`` (no ensembling, as MSDNet's anytime mode), with per-exit fvcore MACs
     (cascade and standalone scopes) and cumulative parameters."""
     logits, labels = collect_logits(model, loader, progress)
     images = next(iter(loader))[0]
     input_size = tuple(images.shape[1:])
-    cascade = per_exit_flops(model, input_size, scope='cascade')
-    standalone = per_exit_flops(model, input_size, scope='standalone')
+    cascade = per_exit_macs(model, input_size, scope='cascade')
+    standalone = per_exit_macs(model, input_size, scope='standalone')
     params = per_exit_params(model, input_size)
     rows = [dict(exit=k + 1, top1=_topk_accuracy(l, labels, 1), top5=_topk_accuracy(l, labels, 5),
-                 flops_cascade=cascade[k], flops_standalone=standalone[k], params=params[k])
+                 macs_cascade=cascade[k], macs_standalone=standalone[k], params=params[k])
             for k, l in enumerate(logits)]
     name = _model_name(model)
-    return ResultTable(f'anytime: {name} on {len(labels)} images', rows, x='flops_cascade', y='top1',
+    return ResultTable(f'anytime: {name} on {len(labels)} images', rows, x='macs_cascade', y='top1',
                        meta=dict(model=name, num_samples=len(labels)))
 
 
@@ -250,9 +252,9 @@ def _plot_together(tables: Sequence[ResultTable], out: Optional[str], stem: str)
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``dynzoo bench MODEL [MODEL ...]``: per-exit parameters, FLOPs (all scopes) and, with weights, accuracy."""
+    """``dynzoo bench MODEL [MODEL ...]``: per-exit parameters, MACs (all scopes) and, with weights, accuracy."""
     parser.add_argument('models', nargs='+', help='dynzoo model names (see dynzoo.list_models())')
-    parser.add_argument('--no-accuracy', action='store_true', help='FLOPs and parameters only, even with weights')
+    parser.add_argument('--no-accuracy', action='store_true', help='MACs and parameters only, even with weights')
     _add_common_args(parser)
     return parser
 
@@ -281,7 +283,7 @@ def run_bench(args) -> List[ResultTable]:
                 row.update(top1=measured['top1'], top5=measured['top5'])
             title += f', accuracy on {accuracy.meta["num_samples"]} {args.data} images'
             y = 'top1'
-        table = ResultTable(title, rows, x='flops_cascade', y=y, meta=dict(model=name))
+        table = ResultTable(title, rows, x='macs_cascade', y=y, meta=dict(model=name))
         print(table, end='\n\n')
         if args.out:
             _save(table, args.out, f'bench_{name}')
@@ -339,17 +341,17 @@ def _eval_budget(model, args, transform) -> ResultTable:
     heldout, test = _split_heldout_test(args, transform, args.holdout)
     val_logits, val_labels = collect_logits(model, _loader(heldout, args), progress=True)
     test_logits, test_labels = collect_logits(model, _loader(test, args), progress=True)
-    flops = per_exit_flops(model, scope='cascade')
-    rows = evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, flops)
-    rows = [dict(q=r['q'], accuracy=r['accuracy'], expected_flops=r['expected_flops'],
+    macs = per_exit_macs(model, scope='cascade')
+    rows = evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, macs)
+    rows = [dict(q=r['q'], accuracy=r['accuracy'], expected_macs=r['expected_macs'],
                  exit_fractions=r['exit_fractions'], thresholds=r['thresholds']) for r in rows]
     name = _model_name(model)
     return ResultTable(f'budgeted batch: {name}, thresholds on {len(val_labels)} held-out, {len(test_labels)} test',
-                       rows, x='expected_flops', y='accuracy', meta=dict(model=name, flops_cascade=flops))
+                       rows, x='expected_macs', y='accuracy', meta=dict(model=name, macs_cascade=macs))
 
 
 def _eval_early_exit(model, args, transform) -> ResultTable:
-    flops = per_exit_flops(model, scope='cascade')
+    macs = per_exit_macs(model, scope='cascade')
     if args.thresholds is not None:
         test = _limited(_dataset(args, 'test', transform), args.limit)
         points = [('given', args.thresholds)]
@@ -365,14 +367,14 @@ def _eval_early_exit(model, args, transform) -> ResultTable:
             exit_counts = torch.zeros(model.num_exits, dtype=torch.long)
             for images, labels in tqdm(loader, desc=f'early exit q={q}', leave=False):
                 start = time.perf_counter()
-                result = early_exit(model, images.to(_device_of(model)), thresholds, flops=flops)
+                result = early_exit(model, images.to(_device_of(model)), thresholds)
                 elapsed += time.perf_counter() - start
                 correct += (result.predictions.cpu() == labels).sum().item()
-                spent, seen = spent + result.flops, seen + len(labels)
+                spent, seen = spent + result.macs, seen + len(labels)
                 exit_counts += torch.bincount(result.exits.cpu(), minlength=model.num_exits)
-            rows.append(dict(q=q, accuracy=correct / seen, mean_flops=spent / seen, flops_ratio=spent / seen / flops[-1],
+            rows.append(dict(q=q, accuracy=correct / seen, mean_macs=spent / seen, macs_ratio=spent / seen / macs[-1],
                              exit_fractions=(exit_counts.double() / seen).tolist(), seconds=elapsed,
                              thresholds=list(thresholds)))
     name = _model_name(model)
-    return ResultTable(f'real early exit: {name} on {len(test)} images', rows, x='mean_flops', y='accuracy',
-                       meta=dict(model=name, flops_cascade=flops))
+    return ResultTable(f'real early exit: {name} on {len(test)} images', rows, x='mean_macs', y='accuracy',
+                       meta=dict(model=name, macs_cascade=macs))

@@ -1,10 +1,18 @@
-"""Per-exit cost of multi-exit networks: fvcore multiply-adds, parameters, and the authors' own counters.
+"""Per-exit cost of multi-exit networks: fvcore multiply-adds (MACs), parameters, and the authors' own counters.
 
 Every count is for a batch of one image at the model's default input size (``pretrained_cfg['input_size']``)
-with the model in eval mode. fvcore counts one per multiply-add; ``per_exit_flops`` keeps convolutions (transposed
-ones included) and linear layers only, so batch norm, pooling and element-wise ops are not counted.
+with the model in eval mode. fvcore counts one per multiply-add; ``per_exit_macs`` keeps convolutions (transposed
+ones included) and linear layers only, so batch norm, pooling and element-wise ops are not counted. dynzoo says
+MACs for these counts everywhere; the older ``*_flops`` names are deprecated aliases.
+
+Counts are cached per model, input size, scope and convention, so that per-batch calls (``early_exit``) trace the
+network once. The cache lives beside the model (a copy, e.g. ``optimize_for_inference``'s, starts empty) and is
+dropped when a module, parameter or buffer is assigned to one of the model's modules (``reset_classifier``, a
+replaced layer). Changes that assign nothing are not seen (deleting a layer, a conv's ``stride`` set in place): call
+``clear_macs_cache(model)`` after them.
 """
 import warnings
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
 
@@ -13,7 +21,8 @@ from torch import nn
 
 from .models._exits import MultiExitNetwork, flatten_tensors
 
-__all__ = ['per_exit_flops', 'per_exit_params', 'per_exit_table', 'count_macs', 'SCOPES']
+__all__ = ['per_exit_macs', 'per_exit_flops', 'per_exit_params', 'per_exit_table', 'count_macs', 'clear_macs_cache',
+           'SCOPES']
 
 SCOPES = ('cascade', 'standalone', 'lazy')
 CONV_LINEAR_OPS = ('conv', 'linear', 'addmm', 'matmul', 'bmm', 'einsum')
@@ -41,6 +50,44 @@ class _ExitGraph(nn.Module):
         return tuple(outputs)
 
 
+def _deprecated(old: str, new: str, note: str = '', stacklevel: int = 3) -> None:
+    warnings.warn(f'{old} is deprecated: use {new} (dynzoo counts multiply-adds, MACs){note}', DeprecationWarning,
+                  stacklevel=stacklevel)
+
+
+class MacsRow(dict):
+    """A result row (dict) whose deprecated ``*flops*`` keys still read, with a warning, as the ``*macs*`` ones."""
+
+    def __missing__(self, key):
+        renamed = key.replace('flops', 'macs') if isinstance(key, str) else key
+        if renamed == key or renamed not in self:
+            raise KeyError(key)
+        _deprecated(f'the {key!r} key', f'{renamed!r}')
+        return self[renamed]
+
+
+# Counts per model: {model: dict(modules=ids of its modules when counted, counts={key: per-exit list})}. Assigning a
+# module, parameter or buffer to any of those modules drops the model's entry (registration hooks, process-wide).
+_CACHE: 'weakref.WeakKeyDictionary[nn.Module, Dict]' = weakref.WeakKeyDictionary()
+
+
+def _drop_changed(module: nn.Module, *args) -> None:
+    for model, entry in list(_CACHE.items()):
+        if id(module) in entry['modules']:
+            del _CACHE[model]
+
+
+for _register in (nn.modules.module.register_module_module_registration_hook,
+                  nn.modules.module.register_module_parameter_registration_hook,
+                  nn.modules.module.register_module_buffer_registration_hook):
+    _register(_drop_changed)
+
+
+def clear_macs_cache(model: nn.Module) -> None:
+    """Forget the cached counts of ``model`` (needed only after a change that assigns nothing, module docstring)."""
+    _CACHE.pop(model, None)
+
+
 def count_macs(module: nn.Module, inputs, ops: Optional[Sequence[str]] = CONV_LINEAR_OPS) -> int:
     """fvcore multiply-adds of ``module(*inputs)``: conv + linear only by default, every fvcore op if ``ops=None``."""
     with warnings.catch_warnings():  # fvcore's import uses the deprecated torch.jit.script
@@ -54,14 +101,19 @@ def count_macs(module: nn.Module, inputs, ops: Optional[Sequence[str]] = CONV_LI
     return int(sum(v for op, v in analysis.by_operator().items() if op in ops))
 
 
-def _example_input(model: nn.Module, input_size: Optional[Sequence[int]]) -> torch.Tensor:
-    """A batch of one zero image at ``input_size`` (default: the pretrained config's), with the model's channels."""
+def _input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> tuple:
+    """(channels, height, width) of ``input_size`` (default: the pretrained config's), with the model's channels."""
     if input_size is None:
         cfg = getattr(model, 'pretrained_cfg', None) or {}
         input_size = cfg.get('input_size') or model.default_input_size
     in_chans = getattr(model, 'in_chans', input_size[0] if len(input_size) == 3 else 3)
+    return (int(in_chans), *(int(s) for s in input_size[-2:]))
+
+
+def _example_input(model: nn.Module, input_size: Optional[Sequence[int]]) -> torch.Tensor:
+    """A batch of one zero image at ``input_size`` (default: the pretrained config's), with the model's channels."""
     param = next(model.parameters())
-    return torch.zeros(1, in_chans, *input_size[-2:], dtype=param.dtype, device=param.device)
+    return torch.zeros(1, *_input_size(model, input_size), dtype=param.dtype, device=param.device)
 
 
 @contextmanager
@@ -75,9 +127,9 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def per_exit_flops(model: MultiExitNetwork, input_size: Optional[Sequence[int]] = None, scope: str = 'cascade',
-                   convention: str = 'fvcore') -> List[int]:
-    """Multiply-adds per exit, one integer per exit, shallow first (a single-exit model has one exit: the whole
+def per_exit_macs(model: MultiExitNetwork, input_size: Optional[Sequence[int]] = None, scope: str = 'cascade',
+                  convention: str = 'fvcore') -> List[int]:
+    """Multiply-adds (MACs) per exit, one integer per exit, shallow first (a single-exit model has one exit: the whole
     network).
 
     scope (fvcore convention):
@@ -88,30 +140,44 @@ def per_exit_flops(model: MultiExitNetwork, input_size: Optional[Sequence[int]] 
     convention:
       * ``'fvcore'``: conv + linear multiply-adds counted by fvcore (``scope`` applies);
       * ``'authors'``: the original authors' own counter, reproduced to the unit (MSDNet: ``op_counter.py``,
-        cumulative with earlier heads; ``scope`` is ignored).
+        which also counts ReLU and pooling and which the paper calls FLOPs; cumulative with earlier heads; ``scope``
+        is ignored).
+    Counted once per model, input size, scope and convention, then taken from the cache (module docstring).
     """
-    x = _example_input(model, input_size)
-    if isinstance(model, MultiExitNetwork):
-        model.check_input(x)
+    if convention not in ('fvcore', 'authors'):
+        raise ValueError(f"convention must be 'fvcore' or 'authors', got {convention!r}")
+    if convention == 'fvcore' and scope not in SCOPES:
+        raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
+    key = (convention, scope if convention == 'fvcore' else None, _input_size(model, input_size))
+    entry = _CACHE.get(model)
+    if entry is None or key not in entry['counts']:
+        x = _example_input(model, input_size)
+        if isinstance(model, MultiExitNetwork):
+            model.check_input(x)
+        counts = _count_per_exit(model, x, scope, convention)
+        entry = _CACHE.setdefault(model, dict(modules=frozenset(id(m) for m in model.modules()), counts={}))
+        entry['counts'][key] = counts
+    return list(entry['counts'][key])
+
+
+def _count_per_exit(model: nn.Module, x: torch.Tensor, scope: str, convention: str) -> List[int]:
     if convention == 'authors':
         counter = AUTHORS_COUNTERS.get(getattr(model, 'flops_convention', None))
         if counter is None:
-            raise ValueError(f'{type(model).__name__} has no authors\' FLOPs convention; use convention="fvcore"')
+            raise ValueError(f'{type(model).__name__} has no authors\' counting convention; use convention="fvcore"')
         with _eval_mode(model):
             return counter(model, x)
-    if convention != 'fvcore':
-        raise ValueError(f"convention must be 'fvcore' or 'authors', got {convention!r}")
-    if scope not in SCOPES:
-        raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
-    if not isinstance(model, MultiExitNetwork):
-        with _eval_mode(model):
-            return [count_macs(model, x)]
-    flops = []
     with _eval_mode(model):
-        for k in range(model.num_exits):
-            heads = [k] if scope == 'standalone' else range(k + 1)
-            flops.append(count_macs(_ExitGraph(model, k, heads, keep_state=scope != 'lazy'), x))
-    return flops
+        if not isinstance(model, MultiExitNetwork):
+            return [count_macs(model, x)]
+        return [count_macs(_ExitGraph(model, k, [k] if scope == 'standalone' else range(k + 1),
+                                      keep_state=scope != 'lazy'), x) for k in range(model.num_exits)]
+
+
+def per_exit_flops(*args, **kwargs) -> List[int]:
+    """Deprecated alias of ``per_exit_macs`` (same counts: dynzoo's "FLOPs" were always multiply-adds)."""
+    _deprecated('per_exit_flops', 'per_exit_macs')
+    return per_exit_macs(*args, **kwargs)
 
 
 @contextmanager
@@ -176,18 +242,17 @@ AUTHORS_COUNTERS: Dict[str, Callable[[nn.Module, torch.Tensor], List[int]]] = {
 }
 
 
-
 def per_exit_table(model: MultiExitNetwork, input_size: Optional[Sequence[int]] = None) -> List[Dict[str, int]]:
-    """One row per exit: cumulative ``params`` and multiply-adds for every scope (``flops_cascade``,
-    ``flops_standalone``, ``flops_lazy``), plus ``flops_authors`` where the authors had their own counter."""
+    """One row per exit: cumulative ``params`` and multiply-adds for every scope (``macs_cascade``,
+    ``macs_standalone``, ``macs_lazy``), plus ``macs_authors`` where the authors had their own counter."""
     params = per_exit_params(model, input_size)
-    by_scope = {scope: per_exit_flops(model, input_size, scope=scope) for scope in SCOPES}
-    authors = (per_exit_flops(model, input_size, convention='authors')
+    by_scope = {scope: per_exit_macs(model, input_size, scope=scope) for scope in SCOPES}
+    authors = (per_exit_macs(model, input_size, convention='authors')
                if getattr(model, 'flops_convention', None) in AUTHORS_COUNTERS else None)
     rows = []
     for k in range(len(params)):
-        row = {'exit': k + 1, 'params': params[k], **{f'flops_{scope}': by_scope[scope][k] for scope in SCOPES}}
+        row = {'exit': k + 1, 'params': params[k], **{f'macs_{scope}': by_scope[scope][k] for scope in SCOPES}}
         if authors is not None:
-            row['flops_authors'] = authors[k]
+            row['macs_authors'] = authors[k]
         rows.append(row)
     return rows

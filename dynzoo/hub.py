@@ -1,7 +1,7 @@
 """Weights on the Hugging Face Hub: Hub-ready folders, model cards, offline mirrors, safe loading, conversion.
 
 * ``save_pretrained(model, dir)`` writes ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``, plus a
-  ``dynzoo`` entry with per-exit FLOPs, parameters and accuracy) + a ``README.md`` model card;
+  ``dynzoo`` entry with per-exit MACs, parameters and accuracy) + a ``README.md`` model card;
   ``push_to_hub(model, repo_id)`` uploads that folder with ``huggingface_hub``.
 * Pretrained weights are looked up, in order: an explicit ``pretrained_cfg_overlay=dict(file=...)``; the mirror
   directory named by the environment variable ``DYNZOO_HUB_MIRROR`` (``<mirror>/<org>/<repo>/model.safetensors`` and
@@ -104,16 +104,15 @@ def _num_features(model: nn.Module) -> int:
 
 def _per_exit_stats(model: nn.Module) -> Dict[str, Any]:
     """Exits, MACs and parameters per exit, counted on the model's device and dtype (one exit if it has no exits)."""
-    from .flops import per_exit_flops, per_exit_params
-    return dict(num_exits=getattr(model, 'num_exits', 1), per_exit_macs=per_exit_flops(model),
+    from .flops import per_exit_macs, per_exit_params
+    return dict(num_exits=getattr(model, 'num_exits', 1), per_exit_macs=per_exit_macs(model),
                 per_exit_params=per_exit_params(model))
 
 
 def _instance_rows(model: nn.Module, per_instance_accuracy: Dict[str, float]):
     """``[{instance, macs, top1}]`` for every instance of an SDPoint network, in ``model.instances()`` order."""
-    from .flops import CONV_LINEAR_OPS
-    from .sdpoint import instance_flops
-    macs = instance_flops(model, ops=CONV_LINEAR_OPS)  # as the per-exit MACs; instance_flops counts every op
+    from .sdpoint import instance_macs
+    macs = instance_macs(model)  # conv + linear, as the per-exit MACs
     unknown = set(per_instance_accuracy) - {instance.name for instance in macs}
     if unknown:
         raise ValueError(f'per_instance_accuracy names instances the model does not have: {sorted(unknown)}')

@@ -3,26 +3,30 @@ real early exit that stops computing for samples once they exit.
 
 The exit rule (MSDNet, ``dynamic_eval_with_threshold``): a sample leaves at the first exit ``k`` whose maximum
 softmax probability is ``>= thresholds[k]``; the last exit takes every remaining sample. The SCAN rule (its
-authors' ``inference.py``) uses ``>`` and, when no exit fires, predicts with the mean of all exits' logits.
+authors' ``inference.py``) uses ``>`` and, when no exit fires, predicts with the mean of all exits' logits. Both are
+one ``ExitRule``, which simulated and real early exit share (``run_exit_rule``).
 
-Every function here takes logits shallow exit first, as ``model(x)`` returns them.
+Every function here takes logits shallow exit first, as ``model(x)`` returns them. Costs are multiply-adds (MACs,
+``dynzoo.per_exit_macs``); the older ``flops`` names are deprecated aliases.
 """
 import ctypes
 import ctypes.util
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .flops import per_exit_flops
+from .flops import MacsRow, _deprecated, per_exit_macs
 from .models import MultiExitNetwork
 
 __all__ = [
-    'EarlyExitResult', 'ThresholdSearchResult', 'SCAN_THRESHOLDS', 'SCAN_RELATIVE_COSTS', 'geometric_fractions',
-    'fit_thresholds', 'simulate_early_exit', 'early_exit', 'evaluate_budgeted', 'genetic_threshold_search',
-    'scan_predict', 'stage_flops', 'retain_freed_memory',
+    'EarlyExitResult', 'ThresholdSearchResult', 'ExitRule', 'SCAN_THRESHOLDS', 'SCAN_RELATIVE_COSTS',
+    'geometric_fractions', 'max_probability', 'fit_thresholds', 'run_exit_rule', 'simulate_early_exit', 'early_exit',
+    'evaluate_budgeted', 'genetic_threshold_search', 'scan_predict', 'stage_macs', 'stage_flops',
+    'retain_freed_memory',
 ]
 
 NEVER, ALWAYS = 1e8, -1e8  # the authors' "nobody exits here" and "everybody exits here" thresholds
@@ -37,40 +41,69 @@ class EarlyExitResult:
     """Per-sample outcome of (real or simulated) early exit.
 
     ``exits`` holds the 0-based exit that answered; with ``fallback='ensemble'`` the value ``num_exits`` means that
-    no exit fired and the mean of all exits' logits answered. ``flops`` is the total multiply-adds spent on the batch
+    no exit fired and the mean of all exits' logits answered. ``macs`` is the total multiply-adds spent on the batch
     (None when no per-exit costs were given to a simulation); ``samples_per_stage[k]`` how many samples ran stage k.
+    ``nonfinite[i]`` is True when the logits that answered for sample i held a NaN or +Inf, or were all -Inf (a
+    non-finite input, or an overflow): its prediction means nothing (a ``RuntimeWarning`` says so too).
     """
     predictions: torch.Tensor
     exits: torch.Tensor
-    flops: Optional[float] = None
+    macs: Optional[float] = None
     samples_per_stage: List[int] = field(default_factory=list)
+    nonfinite: Optional[torch.Tensor] = None
 
     @property
     def num_samples(self) -> int:
         return len(self.predictions)
 
     @property
+    def mean_macs(self) -> Optional[float]:
+        return None if self.macs is None else self.macs / max(1, self.num_samples)
+
+    @property
+    def flops(self) -> Optional[float]:
+        _deprecated('EarlyExitResult.flops', 'EarlyExitResult.macs')
+        return self.macs
+
+    @property
     def mean_flops(self) -> Optional[float]:
-        return None if self.flops is None else self.flops / max(1, self.num_samples)
+        _deprecated('EarlyExitResult.mean_flops', 'EarlyExitResult.mean_macs')
+        return self.mean_macs
 
     def exit_fractions(self, num_outcomes: int) -> List[float]:
         counts = torch.bincount(self.exits, minlength=num_outcomes)[:num_outcomes]
         return (counts.double() / max(1, self.num_samples)).tolist()
 
     def accuracy(self, labels: torch.Tensor) -> float:
+        labels = _check_labels(labels, self.num_samples)
         return (self.predictions == labels.to(self.predictions.device)).double().mean().item()
 
 
 @dataclass
 class ThresholdSearchResult:
-    """Output of ``genetic_threshold_search``: thresholds and their accuracy, expected FLOPs and exit fractions on the
+    """Output of ``genetic_threshold_search``: thresholds and their accuracy, expected MACs and exit fractions on the
     split they were searched on, plus the fitness history (best per generation)."""
     thresholds: List[float]
     accuracy: float
-    expected_flops: float
+    expected_macs: float
     exit_fractions: List[float]
     fitness: float
     history: List[float]
+
+    @property
+    def expected_flops(self) -> float:
+        _deprecated('ThresholdSearchResult.expected_flops', 'ThresholdSearchResult.expected_macs')
+        return self.expected_macs
+
+
+def _renamed(macs, flops, where: str):
+    """The ``macs`` argument, or the deprecated ``flops`` one (with a warning)."""
+    if flops is None:
+        return macs
+    if macs is not None:
+        raise ValueError(f'{where} got both macs= and its deprecated alias flops=: pass macs= only')
+    _deprecated(f'{where}(flops=...)', f'{where}(macs=...)', stacklevel=4)
+    return flops
 
 
 def _as_logit_list(logits) -> List[torch.Tensor]:
@@ -85,17 +118,143 @@ def _as_logit_list(logits) -> List[torch.Tensor]:
     return logits
 
 
-def _confidence(logits: torch.Tensor):
+def _check_labels(labels, num_samples: int, num_classes: Optional[int] = None, name: str = 'labels') -> torch.Tensor:
+    """``labels`` as a 1-D integer tensor of one class index per sample, or a ``ValueError`` saying what is wrong."""
+    labels = torch.as_tensor(labels)
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f'{name} must be integer class indices, got dtype {labels.dtype} (convert with .long() if '
+                         'they are whole numbers)')
+    if labels.dim() != 1 or len(labels) != num_samples:
+        raise ValueError(f'{name} must hold one class index per sample ({num_samples}), got shape '
+                         f'{tuple(labels.shape)}')
+    if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f'{name} must lie in 0..{num_classes - 1} (the logits have {num_classes} classes), got '
+                         f'{labels.min().item()}..{labels.max().item()}')
+    return labels
+
+
+def max_probability(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Max softmax probability and arg-max class per row (float32 softmax, as the authors compute it)."""
     return torch.softmax(logits.float(), dim=1).max(dim=1)
 
 
-def _check_thresholds(thresholds: Sequence[float], num_exits: int) -> List[float]:
-    thresholds = [float(t) for t in thresholds]
-    if len(thresholds) not in (num_exits - 1, num_exits):
-        raise ValueError(f'expected {num_exits} thresholds (or {num_exits - 1}: the last exit takes every remaining '
-                         f'sample), got {len(thresholds)}')
-    return thresholds + [ALWAYS] * (num_exits - len(thresholds))
+class ExitRule:
+    """Which samples leave at exit k, and with which class: the one exit rule of dynzoo's simulated and real early
+    exit, budgeted evaluation and ``scan_predict``.
+
+    The default is MSDNet's: a sample leaves at the first exit whose ``score`` (the max softmax probability) is
+    ``>= thresholds[k]`` (``>`` with ``strict``, as SCAN). ``thresholds`` has one value per exit, or one fewer (the
+    last exit's is then ``ALWAYS``); NaN is refused. ``fallback`` answers for the samples that no exit took:
+    ``'last'``, the last exit (its threshold is ignored), or ``'ensemble'``, the mean of all exits' logits (SCAN).
+
+    Another criterion subclasses this and overrides ``score`` (a per-sample confidence, higher leaves sooner: e.g.
+    negative entropy, the top-2 margin, temperature-scaled logits) or ``decide`` (a rule that carries per-sample
+    ``memory`` from exit to exit, e.g. patience); ``check`` validates its parameters for a model's exit count.
+    """
+
+    def __init__(self, thresholds: Sequence[float], fallback: str = 'last', strict: bool = False):
+        if fallback not in ('last', 'ensemble'):
+            raise ValueError(f"fallback must be 'last' or 'ensemble', got {fallback!r}")
+        self.thresholds = [float(t) for t in thresholds]
+        self.fallback, self.strict = fallback, strict
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({self.thresholds}, fallback={self.fallback!r}, strict={self.strict})'
+
+    def check(self, num_exits: int) -> None:
+        """Raise a ``ValueError`` unless the rule fits a model with ``num_exits`` exits."""
+        if len(self.thresholds) not in (num_exits - 1, num_exits):
+            raise ValueError(f'expected {num_exits} thresholds (or {num_exits - 1}: the last exit takes every '
+                             f'remaining sample), got {len(self.thresholds)}')
+        if any(math.isnan(t) for t in self.thresholds):
+            raise ValueError(f'thresholds must not be NaN, got {self.thresholds}: use {NEVER:g} for "nobody exits '
+                             f'here" and {ALWAYS:g} for "everybody exits here"')
+
+    def score(self, k: int, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample confidence at exit ``k`` and the class it predicts."""
+        return max_probability(logits)
+
+    def decide(self, k: int, logits: torch.Tensor, memory: Any = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+        """For the samples still inside (the rows of ``logits``, exit ``k``'s): which leave, with which class, and
+        the memory to carry to exit ``k + 1`` (tensors with a row per sample; the caller keeps the rows of the
+        samples that stay)."""
+        score, prediction = self.score(k, logits)
+        threshold = self.thresholds[k] if k < len(self.thresholds) else ALWAYS
+        return (score > threshold if self.strict else score >= threshold), prediction, memory
+
+
+def _as_rule(thresholds: Union[Sequence[float], ExitRule], fallback: str, strict: bool) -> ExitRule:
+    if not isinstance(thresholds, ExitRule):
+        return ExitRule(thresholds, fallback, strict)
+    if (fallback, strict) != ('last', False):
+        raise ValueError('pass fallback and strict to the ExitRule, not next to it')
+    return thresholds
+
+
+def _keep_rows(memory, keep: torch.Tensor):
+    if memory is None:
+        return None
+    if isinstance(memory, torch.Tensor):
+        return memory[keep]
+    return type(memory)(_keep_rows(m, keep) for m in memory)
+
+
+def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits: int, num_samples: int,
+                  device=None) -> EarlyExitResult:
+    """Apply ``rule`` exit by exit: the one loop behind ``simulate_early_exit`` and ``early_exit``.
+
+    ``exit_logits`` is a generator like ``model.iter_exits(x)``: it yields exit k's logits for the samples still
+    inside, in their original order, and takes ``send(keep)`` (the rows to keep, ``None`` when all stay) before the
+    next exit. Returns predictions, exits, samples per stage and non-finite flags; ``.macs`` is left to the caller.
+    """
+    rule.check(num_exits)
+    predictions = torch.full((num_samples,), -1, dtype=torch.long, device=device)
+    exits = torch.full((num_samples,), -1, dtype=torch.long, device=device)
+    nonfinite = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    inside = torch.arange(num_samples, device=device)
+    logit_sum = memory = None
+    samples_per_stage = []
+    logits = next(exit_logits)
+    try:
+        for k in range(num_exits):
+            samples_per_stage.append(len(inside))
+            leave, prediction, memory = rule.decide(k, logits, memory)
+            if rule.fallback == 'ensemble':
+                logit_sum = logits.float() if logit_sum is None else logit_sum + logits.float()
+            elif k == num_exits - 1:
+                leave = torch.ones_like(leave)
+            leaving = inside[leave]
+            predictions[leaving], exits[leaving] = prediction[leave], k
+            nonfinite[leaving] = ~torch.isfinite(logits[leave].amax(1))  # NaN, +Inf or all -Inf
+            keep = torch.nonzero(~leave).squeeze(1)
+            inside = inside[keep]
+            if len(inside) == 0 or k == num_exits - 1:
+                break
+            if len(keep) < len(leave):  # no copy when all stay
+                memory, logit_sum = _keep_rows(memory, keep), _keep_rows(logit_sum, keep)
+                logits = exit_logits.send(keep)
+            else:
+                logits = exit_logits.send(None)
+    finally:
+        exit_logits.close()
+    if len(inside):
+        predictions[inside], exits[inside] = logit_sum.argmax(1), num_exits
+        nonfinite[inside] = ~torch.isfinite(logit_sum.amax(1))
+    if nonfinite.any():
+        flagged = torch.nonzero(nonfinite).squeeze(1).tolist()
+        warnings.warn(f'{len(flagged)} of {num_samples} samples got non-finite logits (NaN or Inf: check the input) '
+                      f'at the exit that answered, e.g. batch positions {flagged[:10]}; their predictions mean '
+                      'nothing (result.nonfinite flags them)', RuntimeWarning, stacklevel=3)
+    return EarlyExitResult(predictions, exits, None, samples_per_stage, nonfinite)
+
+
+def _precomputed_exits(logits: List[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``iter_exits`` over logits computed beforehand: yields each exit's rows of the samples still inside."""
+    rows = None
+    for exit_logits in logits:
+        keep = yield exit_logits if rows is None else exit_logits[rows]
+        if keep is not None:
+            rows = keep if rows is None else rows[keep]
 
 
 def geometric_fractions(q: float, num_exits: int) -> List[float]:
@@ -125,7 +284,7 @@ def fit_thresholds(logits, fractions: Sequence[float]) -> List[float]:
     exited = torch.zeros(num_samples, dtype=torch.bool)
     thresholds = [NEVER] * (num_exits - 1) + [ALWAYS]
     for k in range(num_exits - 1):
-        confidence = _confidence(logits[k]).values
+        confidence = max_probability(logits[k]).values
         target = math.floor(num_samples * fractions[k])
         order = torch.argsort(confidence, descending=True, stable=True)
         remaining = order[~exited[order]]
@@ -135,181 +294,155 @@ def fit_thresholds(logits, fractions: Sequence[float]) -> List[float]:
     return thresholds
 
 
-def _decide(logits: torch.Tensor, threshold: float, strict: bool):
-    confidence, prediction = _confidence(logits)
-    passed = confidence > threshold if strict else confidence >= threshold
-    return passed, prediction
+def stage_macs(cascade_macs: Sequence[float]) -> List[float]:
+    """Cost of stage k plus head k for one sample, from cascade per-exit MACs (stages and heads 1..k)."""
+    return [float(c) - float(p) for c, p in zip(cascade_macs, [0.0, *cascade_macs[:-1]])]
 
 
 def stage_flops(cascade_flops: Sequence[float]) -> List[float]:
-    """Cost of stage k plus head k for one sample, from cascade per-exit FLOPs (stages and heads 1..k)."""
-    return [float(c) - float(p) for c, p in zip(cascade_flops, [0.0, *cascade_flops[:-1]])]
+    """Deprecated alias of ``stage_macs``."""
+    _deprecated('stage_flops', 'stage_macs')
+    return stage_macs(cascade_flops)
 
 
-def simulate_early_exit(logits, thresholds: Sequence[float], flops: Optional[Sequence[float]] = None,
-                        fallback: str = 'last', strict: bool = False) -> EarlyExitResult:
+def _spent(samples_per_stage: Sequence[int], cascade_macs: Sequence[float]) -> float:
+    return sum(n * c for n, c in zip(samples_per_stage, stage_macs(cascade_macs)))
+
+
+def simulate_early_exit(logits, thresholds: Union[Sequence[float], ExitRule], macs: Optional[Sequence[float]] = None,
+                        fallback: str = 'last', strict: bool = False,
+                        flops: Optional[Sequence[float]] = None) -> EarlyExitResult:
     """The exit rule applied to precomputed logits of every exit (what the authors' evaluation code does).
 
+    ``thresholds``: per-exit thresholds, or an ``ExitRule`` (which then carries fallback and strictness).
     ``fallback='last'``: the last exit answers for every remaining sample (its threshold, if given, is ignored);
     ``'ensemble'``: the last exit must pass its threshold too, otherwise the mean of all logits answers (SCAN).
-    ``strict``: exit when confidence ``> threshold`` (SCAN) instead of ``>=`` (MSDNet). ``flops``: cascade per-exit
-    costs (``per_exit_flops(model, scope='cascade')``), to fill ``.flops``.
+    ``strict``: exit when confidence ``> threshold`` (SCAN) instead of ``>=`` (MSDNet). ``macs``: cascade per-exit
+    costs (``per_exit_macs(model, scope='cascade')``), to fill ``.macs``; ``flops`` is its deprecated alias.
     """
+    macs = _renamed(macs, flops, 'simulate_early_exit')
     logits = _as_logit_list(logits)
     num_exits, num_samples = len(logits), logits[0].shape[0]
-    thresholds = _check_thresholds(thresholds, num_exits)
-    _check_fallback(fallback)
-    predictions = torch.full((num_samples,), -1, dtype=torch.long)
-    exits = torch.full((num_samples,), -1, dtype=torch.long)
-    active = torch.ones(num_samples, dtype=torch.bool)
-    samples_per_stage = []
-    for k in range(num_exits):
-        samples_per_stage.append(int(active.sum()))
-        passed, prediction = _decide(logits[k], thresholds[k], strict)
-        if k == num_exits - 1 and fallback == 'last':
-            passed = torch.ones_like(passed)
-        leaving = active & passed
-        predictions[leaving], exits[leaving] = prediction[leaving], k
-        active &= ~passed
-        if not active.any():
-            break
-    if active.any():
-        predictions[active] = torch.stack(logits).float().mean(0)[active].argmax(1)
-        exits[active] = num_exits
-    total = None
-    if flops is not None:
-        total = sum(n * c for n, c in zip(samples_per_stage, stage_flops(_check_flops(flops, num_exits))))
-    return EarlyExitResult(predictions, exits, total, samples_per_stage)
+    rule = _as_rule(thresholds, fallback, strict)
+    if macs is not None:
+        macs = _check_macs(macs, num_exits)
+    result = run_exit_rule(rule, _precomputed_exits(logits), num_exits, num_samples, logits[0].device)
+    if macs is not None:
+        result.macs = _spent(result.samples_per_stage, macs)
+    return result
 
 
-def _check_fallback(fallback: str) -> None:
-    if fallback not in ('last', 'ensemble'):
-        raise ValueError(f"fallback must be 'last' or 'ensemble', got {fallback!r}")
+def _check_macs(macs: Sequence[float], num_exits: int) -> List[float]:
+    macs = [float(m) for m in macs]
+    if len(macs) != num_exits:
+        raise ValueError(f'need one cascade MACs value per exit ({num_exits}), got {len(macs)}')
+    if any(b < a for a, b in zip(macs, macs[1:])):
+        raise ValueError(f'macs must be cascade costs (non-decreasing with the exit), got {macs}')
+    return macs
 
 
-def _check_flops(flops: Sequence[float], num_exits: int) -> List[float]:
-    flops = [float(f) for f in flops]
-    if len(flops) != num_exits:
-        raise ValueError(f'need one cascade FLOPs value per exit ({num_exits}), got {len(flops)}')
-    if any(b < a for a, b in zip(flops, flops[1:])):
-        raise ValueError(f'flops must be cascade costs (non-decreasing with the exit), got {flops}')
-    return flops
-
-
-@torch.no_grad()
-def early_exit(model, x: torch.Tensor, thresholds: Sequence[float], flops: Optional[Sequence[float]] = None,
-               fallback: str = 'last', strict: bool = False) -> EarlyExitResult:
-    """Real early exit: run the exits in order through ``model.iter_exits(x)`` and drop each sample from the batch
-    as soon as it exits, so later stages run only on the samples still inside.
-
-    Same rule and arguments as ``simulate_early_exit``; predictions are identical. ``.flops`` counts the multiply-adds
-    actually spent: for each stage k, (samples that ran stage k) x (stage k + head k), from ``per_exit_flops(model,
-    scope='cascade')`` differences. Cascade is the right scope because ``iter_exits`` computes each stage's whole
-    state (for MSDNet, every scale of the block, including finer scales that only later exits use) and every head
-    of the exits a sample was tried at; 'lazy' would leave out work that does run, 'standalone' the earlier heads.
-    Pass ``flops`` (cascade, at ``x``'s image size) to skip recounting them on every call. The model must be in
-    eval mode.
-    """
+def _check_early_exit_model(model) -> None:
     if not isinstance(model, MultiExitNetwork):
         raise ValueError(f'early_exit needs a multi-exit model (MSDNet, SCAN / BYOT, *_mc); {type(model).__name__} '
                          'has one exit')
     if model.training:
         raise ValueError('early_exit needs the model in eval mode (batch statistics would change as samples leave): '
                          'call model.eval() first')
-    num_exits = model.num_exits
-    thresholds = _check_thresholds(thresholds, num_exits)
-    _check_fallback(fallback)
-    if flops is None:
-        flops = per_exit_flops(model, input_size=tuple(x.shape[1:]), scope='cascade')
-    costs = stage_flops(_check_flops(flops, num_exits))
-    num_samples = x.shape[0]
-    predictions = torch.full((num_samples,), -1, dtype=torch.long, device=x.device)
-    exits = torch.full((num_samples,), -1, dtype=torch.long, device=x.device)
-    inside = torch.arange(num_samples, device=x.device)
-    logit_sum = None
-    samples_per_stage = []
-    exit_iterator = model.iter_exits(x)
-    logits = next(exit_iterator)
-    try:
-        for k in range(num_exits):
-            samples_per_stage.append(len(inside))
-            passed, prediction = _decide(logits, thresholds[k], strict)
-            if fallback == 'ensemble':
-                logit_sum = logits.float() if logit_sum is None else logit_sum + logits.float()
-            elif k == num_exits - 1:
-                passed = torch.ones_like(passed)
-            predictions[inside[passed]], exits[inside[passed]] = prediction[passed], k
-            keep = torch.nonzero(~passed).squeeze(1)
-            inside = inside[keep]
-            if logit_sum is not None:
-                logit_sum = logit_sum[keep]
-            if len(inside) == 0 or k == num_exits - 1:
-                break
-            logits = exit_iterator.send(keep if len(keep) < len(passed) else None)  # no copy when all stay
-    finally:
-        exit_iterator.close()
-    if len(inside):
-        predictions[inside], exits[inside] = logit_sum.argmax(1), num_exits
-    total = sum(n * c for n, c in zip(samples_per_stage, costs))
-    return EarlyExitResult(predictions, exits, total, samples_per_stage)
 
 
-def evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, flops: Sequence[float],
-                      qs: Optional[Sequence[float]] = None) -> List[Dict]:
+@torch.no_grad()
+def early_exit(model, x: torch.Tensor, thresholds: Union[Sequence[float], ExitRule],
+               macs: Optional[Sequence[float]] = None, fallback: str = 'last', strict: bool = False,
+               flops: Optional[Sequence[float]] = None) -> EarlyExitResult:
+    """Real early exit: run the exits in order through ``model.iter_exits(x)`` and drop each sample from the batch
+    as soon as it exits, so later stages run only on the samples still inside.
+
+    Same rule and arguments as ``simulate_early_exit``; predictions are identical. ``.macs`` counts the multiply-adds
+    actually spent: for each stage k, (samples that ran stage k) x (stage k + head k), from ``per_exit_macs(model,
+    scope='cascade')`` differences. Cascade is the right scope because ``iter_exits`` computes each stage's whole
+    state (for MSDNet, every scale of the block, including finer scales that only later exits use) and every head
+    of the exits a sample was tried at; 'lazy' would leave out work that does run, 'standalone' the earlier heads.
+    The per-exit costs are counted on the first call for a model and input size and cached (``dynzoo.flops``);
+    ``macs`` (cascade, at ``x``'s image size) overrides them. The model must be in eval mode.
+    """
+    macs = _renamed(macs, flops, 'early_exit')
+    _check_early_exit_model(model)
+    rule = _as_rule(thresholds, fallback, strict)
+    rule.check(model.num_exits)
+    model.check_input(x)
+    macs = _check_macs(per_exit_macs(model, input_size=tuple(x.shape[1:]), scope='cascade') if macs is None
+                       else macs, model.num_exits)
+    result = run_exit_rule(rule, model.iter_exits(x), model.num_exits, x.shape[0], x.device)
+    result.macs = _spent(result.samples_per_stage, macs)
+    return result
+
+
+def evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, macs: Optional[Sequence[float]] = None,
+                      qs: Optional[Sequence[float]] = None, flops: Optional[Sequence[float]] = None) -> List[Dict]:
     """MSDNet's budgeted-batch evaluation: for each ``q`` (default ``p / 20`` for p = 1..39) fit thresholds on the
     held-out logits for the geometric exit distribution, apply them to the test logits, and report accuracy and
-    expected FLOPs ``sum_k (n_k / N) * flops[k]`` (``flops``: cascade per-exit costs, e.g. ``per_exit_flops(model)``;
-    the MSDNet authors used their own counter, ``per_exit_flops(model, convention='authors')``).
+    expected MACs ``sum_k (n_k / N) * macs[k]`` (``macs``: cascade per-exit costs, e.g. ``per_exit_macs(model)``;
+    the MSDNet authors used their own counter, ``per_exit_macs(model, convention='authors')``; ``flops`` is the
+    deprecated alias). Labels must be one class index per sample of their split.
 
-    Returns one dict per operating point: ``q``, ``accuracy``, ``expected_flops``, ``exit_fractions`` (realised on
+    Returns one dict per operating point: ``q``, ``accuracy``, ``expected_macs``, ``exit_fractions`` (realised on
     the test split), ``target_fractions``, ``val_exit_fractions`` and ``thresholds``.
     """
+    macs = _renamed(macs, flops, 'evaluate_budgeted')
+    if macs is None:
+        raise TypeError('evaluate_budgeted needs the cascade per-exit costs: macs=dynzoo.per_exit_macs(model)')
     val_logits, test_logits = _as_logit_list(val_logits), _as_logit_list(test_logits)
     num_exits = len(val_logits)
     if len(test_logits) != num_exits:
         raise ValueError(f'held-out logits have {num_exits} exits, test logits {len(test_logits)}')
-    flops = _check_flops(flops, num_exits)
-    val_labels, test_labels = torch.as_tensor(val_labels), torch.as_tensor(test_labels)
+    macs = _check_macs(macs, num_exits)
+    num_classes = test_logits[0].shape[1]
+    val_labels = _check_labels(val_labels, len(val_logits[0]), val_logits[0].shape[1], 'val_labels')
+    test_labels = _check_labels(test_labels, len(test_logits[0]), num_classes, 'test_labels')
     qs = [p / 20 for p in range(1, 40)] if qs is None else qs
     rows = []
     for q in qs:
         target = geometric_fractions(q, num_exits)
         thresholds = fit_thresholds(val_logits, target)
         val_result = simulate_early_exit(val_logits, thresholds)
-        result = simulate_early_exit(test_logits, thresholds, flops)
-        rows.append(dict(q=q, accuracy=result.accuracy(test_labels), expected_flops=result.mean_flops,
-                         exit_fractions=result.exit_fractions(num_exits), target_fractions=target,
-                         val_exit_fractions=val_result.exit_fractions(num_exits), thresholds=thresholds))
+        result = simulate_early_exit(test_logits, thresholds, macs)
+        rows.append(MacsRow(q=q, accuracy=result.accuracy(test_labels), expected_macs=result.mean_macs,
+                           exit_fractions=result.exit_fractions(num_exits), target_fractions=target,
+                           val_exit_fractions=val_result.exit_fractions(num_exits), thresholds=thresholds))
     return rows
 
 
-def genetic_threshold_search(logits, labels, flops: Sequence[float], budget: Optional[float] = None,
+def genetic_threshold_search(logits, labels, macs: Optional[Sequence[float]] = None, budget: Optional[float] = None,
                              trade_off: float = 0.1, population_size: int = 64, generations: int = 60,
-                             mutation_scale: float = 0.05, elite: int = 2, seed: int = 0) -> ThresholdSearchResult:
+                             mutation_scale: float = 0.05, elite: int = 2, seed: int = 0,
+                             flops: Optional[Sequence[float]] = None) -> ThresholdSearchResult:
     """Search exit thresholds with a genetic algorithm, as the SCAN paper proposes. The SCAN authors never released
     theirs: this is dynzoo's own implementation, reproducible for a given ``seed``.
 
     A genome holds the thresholds of exits 1..K-1 in [0, 1.01] (above 1: nobody exits there); the last exit takes
-    every remaining sample (MSDNet's ``>=`` rule). Fitness on (``logits``, ``labels``), with ``flops`` the cascade
-    per-exit costs:
+    every remaining sample (``ExitRule``'s default ``>=`` rule, evaluated for the whole population at once). Fitness
+    on (``logits``, ``labels``), with ``macs`` the cascade per-exit costs (``flops``: deprecated alias):
 
-    * with ``budget`` (expected FLOPs per sample): accuracy when the expected cost is within the budget, otherwise
+    * with ``budget`` (expected MACs per sample): accuracy when the expected cost is within the budget, otherwise
       ``-(cost / budget)`` (every over-budget genome ranks below every feasible one);
-    * without: ``accuracy - trade_off * expected_flops / flops[-1]``.
+    * without: ``accuracy - trade_off * expected_macs / macs[-1]``.
 
     The first generation holds the K single-exit policies (everyone leaves at exit k) and random genomes; tournament
     selection (3), uniform crossover, Gaussian mutation and ``elite`` survivors per generation. Because of the seeded
     single-exit genomes and elitism, the result is never worse than the best single exit under the same budget.
     """
+    macs = _renamed(macs, flops, 'genetic_threshold_search')
+    if macs is None:
+        raise TypeError('genetic_threshold_search needs the cascade per-exit costs: macs=dynzoo.per_exit_macs(model)')
     logits = _as_logit_list(logits)
     num_exits = len(logits)
-    flops = np.asarray(_check_flops(flops, num_exits))
-    labels = torch.as_tensor(labels).numpy()
+    macs = np.asarray(_check_macs(macs, num_exits))
+    labels = _check_labels(labels, len(logits[0]), logits[0].shape[1]).cpu().numpy()
     if budget is not None and budget <= 0:
-        raise ValueError(f'budget must be a positive number of FLOPs per sample, got {budget}')
+        raise ValueError(f'budget must be a positive number of MACs per sample, got {budget}')
     if population_size < max(num_exits, elite + 2):
         raise ValueError(f'population_size must be at least {max(num_exits, elite + 2)}, got {population_size}')
-    confidence_and_class = [_confidence(l) for l in logits]
+    confidence_and_class = [max_probability(l) for l in logits]
     confidence = np.stack([c.values.numpy() for c in confidence_and_class])
     correct = np.stack([c.indices.numpy() == labels for c in confidence_and_class])
     top = 1.01
@@ -320,9 +453,9 @@ def genetic_threshold_search(logits, labels, flops: Sequence[float], budget: Opt
         passed = np.concatenate([passed, np.ones_like(passed[:, :1])], axis=1)
         exits = passed.argmax(axis=1)
         accuracy = np.take_along_axis(correct[None], exits[:, None], axis=1)[:, 0].mean(axis=1)
-        cost = flops[exits].mean(axis=1)
+        cost = macs[exits].mean(axis=1)
         if budget is None:
-            fitness = accuracy - trade_off * cost / flops[-1]
+            fitness = accuracy - trade_off * cost / macs[-1]
         else:
             fitness = np.where(cost <= budget * (1 + 1e-12), accuracy, -cost / budget)
         return fitness, accuracy, cost, exits
@@ -362,20 +495,24 @@ def scan_predict(logits_or_model, x: Optional[torch.Tensor] = None,
     predicts (``exits == num_exits``). Defaults are the authors' hard-coded thresholds (0.98, 0.97, 0.98, 0.95).
 
     Pass a list of logits (what the authors do: every exit computed, then the rule applied) or a model and a batch
-    ``x`` (real early exit through ``iter_exits``, same predictions). ``.flops`` is the authors' relative cost
-    (0.32 / 0.53 / 0.76 / 1.0 per exit, 1.07 for the ensemble, summed over samples), so ``1 / result.mean_flops``
-    is their "acceleration ratio"; for multiply-adds, use ``early_exit(..., fallback='ensemble', strict=True)``.
+    ``x`` (real early exit through ``iter_exits``, same predictions). ``.macs`` holds the authors' relative cost,
+    not multiply-adds (0.32 / 0.53 / 0.76 / 1.0 per exit, 1.07 for the ensemble, summed over samples), so
+    ``1 / result.mean_macs`` is their "acceleration ratio"; for multiply-adds, use ``early_exit(...,
+    fallback='ensemble', strict=True)``.
     """
+    rule = ExitRule(thresholds, fallback='ensemble', strict=True)
     if x is None:
-        result = simulate_early_exit(logits_or_model, thresholds, fallback='ensemble', strict=True)
+        result = simulate_early_exit(logits_or_model, rule)
     else:
-        result = early_exit(logits_or_model, x, thresholds, flops=[0.0] * logits_or_model.num_exits,
-                            fallback='ensemble', strict=True)
+        model = logits_or_model
+        _check_early_exit_model(model)
+        with torch.no_grad():
+            result = run_exit_rule(rule, model.iter_exits(x), model.num_exits, x.shape[0], x.device)
     num_outcomes = len(thresholds) + 1
     if len(relative_costs) != num_outcomes:
         raise ValueError(f'relative_costs needs one value per exit plus one for the ensemble ({num_outcomes}), '
                          f'got {len(relative_costs)}')
-    result.flops = float(torch.as_tensor(relative_costs, dtype=torch.float64)[result.exits.cpu()].sum())
+    result.macs = float(torch.as_tensor(relative_costs, dtype=torch.float64)[result.exits.cpu()].sum())
     return result
 
 

@@ -1,4 +1,4 @@
-"""SDPoint helpers: per-instance BN recalibration, per-instance FLOPs and instance choice under a budget.
+"""SDPoint helpers: per-instance BN recalibration, per-instance MACs and instance choice under a budget.
 
 The networks live in ``dynzoo.models.sdpoint`` (``sdpoint_resnet50``, ``sdpoint_preresnet101``, ...).
 """
@@ -7,10 +7,10 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .flops import _eval_mode, _example_input, count_macs
+from .flops import CONV_LINEAR_OPS, _deprecated, _eval_mode, _example_input, count_macs
 from .models.sdpoint import Instance, SDPointResNet
 
-__all__ = ['recalibrate_bn', 'instance_flops', 'select_instance']
+__all__ = ['recalibrate_bn', 'instance_macs', 'instance_flops', 'select_instance']
 
 
 def _require_sdpoint(model) -> None:
@@ -80,15 +80,16 @@ class _InstanceGraph(nn.Module):
         return self.model(x, instance=self.instance)
 
 
-def instance_flops(model: SDPointResNet, input_size: Optional[Sequence[int]] = None,
-                   instances: Optional[Sequence] = None, ops: Optional[Sequence[str]] = None) -> Dict[Instance, int]:
-    """fvcore multiply-adds of one image per instance, as ``{instance: count}`` in ``model.instances()`` order.
+def instance_macs(model: SDPointResNet, input_size: Optional[Sequence[int]] = None,
+                  instances: Optional[Sequence] = None,
+                  ops: Optional[Sequence[str]] = CONV_LINEAR_OPS) -> Dict[Instance, int]:
+    """fvcore multiply-adds (MACs) of one image per instance, as ``{instance: count}`` in ``model.instances()`` order.
 
-    ``input_size`` defaults to the model's ``pretrained_cfg['input_size']``; ``instances`` to all of them.
-    ``ops=None`` keeps fvcore's default count (conv, linear, batch norm, adaptive average pooling; this is what the
-    SDPoint spec tabulates, e.g. 8.013 GMAC for the full ResNeXt-101 32x4d); pass ``dynzoo.flops.CONV_LINEAR_OPS``
-    for conv + linear only, the convention of ``dynzoo.per_exit_flops``. The authors' ``utils/flops.py`` counts about
-    twice these numbers (2 FLOPs per multiply-add, plus ReLU, pooling and residual adds).
+    ``input_size`` defaults to the model's ``pretrained_cfg['input_size']``; ``instances`` to all of them. By
+    default convolutions and linear layers only, as ``dynzoo.per_exit_macs``; ``ops=None`` keeps fvcore's default
+    count (also batch norm and adaptive average pooling), which is what the SDPoint spec tabulates. The authors'
+    ``utils/flops.py`` counts about twice these numbers (2 FLOPs per multiply-add, plus ReLU, pooling and residual
+    adds).
     """
     _require_sdpoint(model)
     x = _example_input(model, input_size)
@@ -97,33 +98,42 @@ def instance_flops(model: SDPointResNet, input_size: Optional[Sequence[int]] = N
         return {instance: count_macs(_InstanceGraph(model, instance), x, ops=ops) for instance in instances}
 
 
+def instance_flops(model: SDPointResNet, input_size: Optional[Sequence[int]] = None,
+                   instances: Optional[Sequence] = None, ops: Optional[Sequence[str]] = None) -> Dict[Instance, int]:
+    """Deprecated: ``instance_macs``. Keeps its old default, fvcore's full count (``ops=None``), where
+    ``instance_macs`` counts convolutions and linear layers only, as ``per_exit_macs``."""
+    _deprecated('instance_flops', 'instance_macs', note='; instance_macs counts conv + linear only by default, as '
+                'per_exit_macs: pass ops=None for the count instance_flops gave')
+    return instance_macs(model, input_size, instances, ops)
+
+
 def _as_instance(key) -> Instance:
     return Instance.from_name(key) if isinstance(key, str) else Instance(*key)
 
 
-def select_instance(flops: Union[Mapping, SDPointResNet], budget: float,
+def select_instance(macs: Union[Mapping, SDPointResNet], budget: float,
                     accuracy: Optional[Mapping] = None) -> Instance:
-    """The instance to run under a cost ``budget`` (same unit as ``flops``).
+    """The instance to run under a cost ``budget`` (same unit as ``macs``).
 
-    ``flops`` is ``instance_flops(model)`` (or the model itself, which computes it). Without ``accuracy``, the most
+    ``macs`` is ``instance_macs(model)`` (or the model itself, which computes it). Without ``accuracy``, the most
     expensive instance that fits (cost is the only accuracy proxy, and it is not monotone in the point); with
     ``accuracy`` (``{instance: accuracy}`` from an evaluation, instances absent from it are skipped; keys may be
     ``Instance``/``(point, ratio)`` or names such as ``'p8_r050'``, as in a model card), the most accurate
     instance that fits, the cheaper one on ties. Raises a ``ValueError`` naming the cheapest instance if none fits.
     """
-    if isinstance(flops, nn.Module):
-        flops = instance_flops(flops)
-    flops = {_as_instance(k): v for k, v in flops.items()}
+    if isinstance(macs, nn.Module):
+        macs = instance_macs(macs)
+    macs = {_as_instance(k): v for k, v in macs.items()}
     if accuracy is not None:
         accuracy = {_as_instance(k): v for k, v in accuracy.items()}
-        unknown = accuracy.keys() - flops.keys()
+        unknown = accuracy.keys() - macs.keys()
         if unknown:
-            raise ValueError(f'accuracy lists instances without a FLOPs count: {sorted(unknown, key=str)[:5]}')
-    candidates = [i for i in flops if flops[i] <= budget and (accuracy is None or i in accuracy)]
+            raise ValueError(f'accuracy lists instances without a MACs count: {sorted(unknown, key=str)[:5]}')
+    candidates = [i for i in macs if macs[i] <= budget and (accuracy is None or i in accuracy)]
     if not candidates:
-        cheapest = min(flops, key=flops.get)
+        cheapest = min(macs, key=macs.get)
         raise ValueError(f'no instance fits a budget of {budget:,}: the cheapest is {tuple(cheapest)} at '
-                         f'{flops[cheapest]:,}')
+                         f'{macs[cheapest]:,}')
     if accuracy is None:
-        return max(candidates, key=lambda i: flops[i])
-    return max(candidates, key=lambda i: (accuracy[i], -flops[i]))
+        return max(candidates, key=lambda i: macs[i])
+    return max(candidates, key=lambda i: (accuracy[i], -macs[i]))

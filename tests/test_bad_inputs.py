@@ -39,7 +39,73 @@ CASES += [
 # ---------------------------------------------------------------------------------------------------------------------
 # Early exit, thresholds and budgeted evaluation
 # ---------------------------------------------------------------------------------------------------------------------
+import functools  # noqa: E402 (imported here: each section keeps its own imports, so sections merge cleanly)
+
+import torch  # noqa: E402
+
+import dynzoo  # noqa: E402
+from dynzoo.inference import NEVER, simulate_early_exit  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _lin5():
+    torch.manual_seed(0)
+    return dynzoo.create_model('msdnet_cifar_lin5', num_classes=10).eval()
+
+
+def _exit_logits(num_samples=20, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [2 * torch.randn(num_samples, 10, generator=generator) for _ in range(3)]
+
+
+def _budgeted(val_labels, test_labels):
+    return lambda: dynzoo.evaluate_budgeted(_exit_logits(), val_labels, _exit_logits(seed=1), test_labels,
+                                            [1, 2, 3], qs=[1.0])
+
+
+def _warns_and_flags(call, flagged):
+    """``call()`` warns about non-finite logits and its result flags exactly the samples ``flagged``."""
+    def run():
+        with pytest.warns(RuntimeWarning, match='non-finite logits.*result.nonfinite'):
+            return call()
+    return Case(f'nonfinite-{call.__name__}', run, check=lambda result: _flags(result, flagged))
+
+
+def _flags(result, flagged):
+    assert torch.nonzero(result.nonfinite).squeeze(1).tolist() == flagged
+
+
+def early_exit_nan_and_inf_inputs():
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x[1, 0, 5, 5], x[3, 2] = float('nan'), float('inf')
+    return dynzoo.early_exit(_lin5(), x, thresholds=[0.5] * 4)
+
+
+def simulated_nan_logits():
+    logits = _exit_logits(4)
+    logits[-1][2, 3] = float('nan')
+    logits[0][0, 1] = float('-inf')  # one -inf logit is a valid probability of 0: not flagged
+    return simulate_early_exit(logits, [NEVER, NEVER])
+
+
 CASES += [
+    Case('budgeted-single-test-label', _budgeted(torch.arange(20) % 10, torch.tensor(3)), raises=ValueError,
+         match=r'test_labels must hold one class index per sample \(20\), got shape \(\)'),
+    Case('budgeted-val-labels-wrong-length', _budgeted(torch.arange(19) % 10, torch.arange(20) % 10),
+         raises=ValueError, match=r'val_labels must hold one class index per sample \(20\), got shape \(19,\)'),
+    Case('budgeted-float-labels', _budgeted(torch.arange(20) % 10, (torch.arange(20) % 10).float()),
+         raises=ValueError, match='integer class indices, got dtype torch.float32.*long'),
+    Case('budgeted-labels-out-of-range', _budgeted(torch.arange(20) % 10, torch.arange(20)), raises=ValueError,
+         match=r'test_labels must lie in 0..9 \(the logits have 10 classes\), got 0..19'),
+    Case('accuracy-single-label', lambda: simulate_early_exit(_exit_logits(), [0.5, 0.5]).accuracy(torch.tensor(1)),
+         raises=ValueError, match='one class index per sample'),
+    Case('early-exit-nan-threshold', lambda: dynzoo.early_exit(_lin5(), torch.zeros(2, 3, 32, 32),
+                                                               [0.5, float('nan'), 0.5, 0.5]),
+         raises=ValueError, match='thresholds must not be NaN'),
+    Case('simulated-nan-threshold', lambda: simulate_early_exit(_exit_logits(), [float('nan'), 0.5]),
+         raises=ValueError, match='thresholds must not be NaN'),
+    _warns_and_flags(early_exit_nan_and_inf_inputs, [1, 3]),
+    _warns_and_flags(simulated_nan_logits, [2]),
 ]
 
 

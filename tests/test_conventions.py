@@ -11,7 +11,7 @@ MULTI_EXIT_CIFAR = ['msdnet_cifar_lin5', 'scan_resnet18', 'byot_resnet18', 'dens
 
 def test_single_exit_models_have_one_exit_costed():
     model = dynzoo.create_model('densenet_bc_100_k12')
-    assert dynzoo.per_exit_flops(model) == [287_960_472]  # spec: BC-100 k12, 100 classes, conv + linear MACs
+    assert dynzoo.per_exit_macs(model) == [287_960_472]  # spec: BC-100 k12, 100 classes, conv + linear MACs
     assert dynzoo.per_exit_params(model) == [800_032]
 
 
@@ -23,9 +23,9 @@ def test_collect_logits_on_single_and_multi_exit_models():
     assert [t.shape for t in multi] == [(6, 10)] * 5
 
 
-def test_flops_follow_the_models_input_channels():
-    rgb = dynzoo.per_exit_flops(dynzoo.create_model('msdnet_cifar_lin5'))
-    gray = dynzoo.per_exit_flops(dynzoo.create_model('msdnet_cifar_lin5', in_chans=1))
+def test_macs_follow_the_models_input_channels():
+    rgb = dynzoo.per_exit_macs(dynzoo.create_model('msdnet_cifar_lin5'))
+    gray = dynzoo.per_exit_macs(dynzoo.create_model('msdnet_cifar_lin5', in_chans=1))
     stem_rgb_minus_gray = 16 * 2 * 3 * 3 * 32 * 32  # only the first conv sees the input channels
     assert [r - g for r, g in zip(rgb, gray)] == [stem_rgb_minus_gray] * 5
     with pytest.raises(ValueError, match='in_chans=3'):

@@ -195,9 +195,9 @@ def test_densenet_mc_is_multi_exit():
         torch.testing.assert_close(second, outs[1][1:])
     model = model.float()
     total = MANIFEST['densenet_bc_100_k12_c10']['fvcore']['conv_linear_macs']
-    assert dynzoo.per_exit_flops(model, scope='standalone')[-1] == total
-    standalone = dynzoo.per_exit_flops(model, scope='standalone')
-    cascade = dynzoo.per_exit_flops(model)
+    assert dynzoo.per_exit_macs(model, scope='standalone')[-1] == total
+    standalone = dynzoo.per_exit_macs(model, scope='standalone')
+    cascade = dynzoo.per_exit_macs(model)
     stem = 3 * 24 * 9 * 32 * 32
     block1 = sum((24 + 12 * i) * 48 + 48 * 12 * 9 for i in range(16)) * 32 * 32
     assert standalone[0] == cascade[0] == stem + block1 + 216 * 10
@@ -239,7 +239,7 @@ def test_resnet_mc():
         next(gen)
         torch.testing.assert_close(gen.send(torch.tensor([0])), outs[1][:1])
     model.float()
-    flops = dynzoo.per_exit_flops(model)
+    flops = dynzoo.per_exit_macs(model)
     assert flops == sorted(flops) and len(flops) == 3
     # Stage 1: 18 blocks of two 3x3 convs, 16 -> 16 channels at 32x32.
     stage = 18 * 2 * 9 * 16 * 16 * 32 * 32

@@ -79,7 +79,7 @@ def test_early_exit_on_faster_model_equals_plain(speed_up):
     plain, faster = early_exit(model, x_test, thresholds), early_exit(fast, x_test, thresholds)
     assert torch.equal(faster.predictions, plain.predictions) and torch.equal(faster.exits, plain.exits)
     assert faster.samples_per_stage == plain.samples_per_stage and len(set(plain.exits.tolist())) > 2
-    assert faster.flops == plain.flops  # folding and matmuls add no counted multiply-adds
+    assert faster.macs == plain.macs  # folding and matmuls add no counted multiply-adds
     everyone_to_the_end = early_exit(fast, x_test, [NEVER] * (model.num_exits - 1))
     with torch.no_grad():
         assert torch.equal(everyone_to_the_end.predictions, model(x_test)[-1].argmax(1))

@@ -11,8 +11,8 @@ import torch
 
 import dynzoo
 from dynzoo.evaluate import _model_name, add_bench_args, add_eval_args, run_bench, run_eval
-from dynzoo.inference import (ALWAYS, NEVER, early_exit, evaluate_budgeted, fit_thresholds, genetic_threshold_search,
-                              geometric_fractions, scan_predict, simulate_early_exit)
+from dynzoo.inference import (ALWAYS, NEVER, ExitRule, early_exit, evaluate_budgeted, fit_thresholds,
+                              genetic_threshold_search, geometric_fractions, scan_predict, simulate_early_exit)
 
 torch.set_num_threads(1)
 
@@ -36,10 +36,10 @@ def test_fit_thresholds_hand_computed():
     assert thresholds[0] == pytest.approx(0.75, abs=1e-6)
     assert thresholds[1] == pytest.approx(0.75, abs=1e-6)
     assert thresholds[2] == ALWAYS
-    result = simulate_early_exit(logits, thresholds, flops=[1, 2, 3])
+    result = simulate_early_exit(logits, thresholds, macs=[1, 2, 3])
     assert result.exits.tolist() == [0, 0, 0, 0, 0, 2, 1, 2, 1, 1]
     assert result.exit_fractions(3) == pytest.approx([0.5, 0.3, 0.2])
-    assert result.flops == 5 * 1 + 3 * 2 + 2 * 3
+    assert result.macs == 5 * 1 + 3 * 2 + 2 * 3
     # floor(10 * 0.05) = 0: nobody exits at exit 1 and its threshold stays at the authors' 1e8.
     assert fit_thresholds(logits, [0.05, 0.5, 0.45])[0] == NEVER
 
@@ -60,13 +60,13 @@ def test_evaluate_budgeted_curve():
     generator = torch.Generator().manual_seed(1)
     logits = [2 * torch.randn(400, 10, generator=generator) for _ in range(3)]
     labels = torch.randint(0, 10, (400,), generator=generator)
-    flops = [10.0, 25.0, 40.0]
-    rows = evaluate_budgeted(logits, labels, logits, labels, flops)
+    macs = [10.0, 25.0, 40.0]
+    rows = evaluate_budgeted(logits, labels, logits, labels, macs)
     assert [r['q'] for r in rows] == pytest.approx([p / 20 for p in range(1, 40)])
     for row in rows:  # same split for fitting and testing: realised fractions are the fitted ones
         assert row['exit_fractions'] == pytest.approx(row['val_exit_fractions'])
-        assert row['expected_flops'] == pytest.approx(sum(f * c for f, c in zip(row['exit_fractions'], flops)))
-    assert rows[0]['expected_flops'] < rows[-1]['expected_flops']
+        assert row['expected_macs'] == pytest.approx(sum(f * c for f, c in zip(row['exit_fractions'], macs)))
+    assert rows[0]['expected_macs'] < rows[-1]['expected_macs']
 
 
 def _synthetic_exits(num_samples=600, seed=0):
@@ -87,22 +87,22 @@ def _synthetic_exits(num_samples=600, seed=0):
 
 def test_genetic_search_reproducible_and_beats_single_exits():
     logits, labels = _synthetic_exits()
-    flops = [1.0, 2.0, 3.0]
+    macs = [1.0, 2.0, 3.0]
     single_exit_accuracy = [(l.argmax(1) == labels).double().mean().item() for l in logits]
-    first = genetic_threshold_search(logits, labels, flops, budget=2.0, seed=3, generations=30)
-    again = genetic_threshold_search(logits, labels, flops, budget=2.0, seed=3, generations=30)
+    first = genetic_threshold_search(logits, labels, macs, budget=2.0, seed=3, generations=30)
+    again = genetic_threshold_search(logits, labels, macs, budget=2.0, seed=3, generations=30)
     assert first.thresholds == again.thresholds and first.history == again.history
     assert first.history == sorted(first.history)  # elitism: the best fitness never drops
     for budget in (1.0, 1.5, 2.0, 2.5, 3.0):
-        result = genetic_threshold_search(logits, labels, flops, budget=budget, seed=0, generations=30)
-        affordable = [a for a, f in zip(single_exit_accuracy, flops) if f <= budget]
-        assert result.expected_flops <= budget + 1e-9
+        result = genetic_threshold_search(logits, labels, macs, budget=budget, seed=0, generations=30)
+        affordable = [a for a, f in zip(single_exit_accuracy, macs) if f <= budget]
+        assert result.expected_macs <= budget + 1e-9
         assert result.accuracy >= max(affordable)
-        replay = simulate_early_exit(logits, result.thresholds, flops)
+        replay = simulate_early_exit(logits, result.thresholds, macs)
         assert replay.accuracy(labels) == pytest.approx(result.accuracy)
-        assert replay.mean_flops == pytest.approx(result.expected_flops)
+        assert replay.mean_macs == pytest.approx(result.expected_macs)
     # With informative confidences, mixing exits beats exit 2 alone at exit 2's cost.
-    at_exit2_cost = genetic_threshold_search(logits, labels, flops, budget=2.0, seed=0, generations=30)
+    at_exit2_cost = genetic_threshold_search(logits, labels, macs, budget=2.0, seed=0, generations=30)
     assert at_exit2_cost.accuracy > single_exit_accuracy[1] + 0.02
 
 
@@ -116,7 +116,7 @@ def test_scan_rule_hand_case():
     result = scan_predict([exit1, exit2, exit3, exit4])
     assert result.exits.tolist() == [0, 1, 4]
     assert result.predictions.tolist() == [0, 1, 1]
-    assert result.mean_flops == pytest.approx((0.32 + 0.53 + 1.07) / 3)
+    assert result.mean_macs == pytest.approx((0.32 + 0.53 + 1.07) / 3)
 
 
 @pytest.fixture(scope='module')
@@ -145,22 +145,22 @@ def test_early_exit_matches_simulation(msdnet):
     simulated = simulate_early_exit(test_logits, thresholds, MSDNET_CIFAR_B7_CASCADE)
     sizes, handles = _batch_sizes_per_stage(msdnet)
     try:
-        real = early_exit(msdnet, x_test, thresholds, flops=MSDNET_CIFAR_B7_CASCADE)
+        real = early_exit(msdnet, x_test, thresholds, macs=MSDNET_CIFAR_B7_CASCADE)
     finally:
         for h in handles:
             h.remove()
     assert torch.equal(real.predictions, simulated.predictions)
     assert torch.equal(real.exits, simulated.exits)
-    assert real.flops == simulated.flops
+    assert real.macs == simulated.macs
     assert sizes == real.samples_per_stage  # each stage ran on the samples still inside, nothing more
     assert len(set(real.exits.tolist())) > 2 and sizes[0] == 16 and sizes[-1] < 16
-    assert real.mean_flops < MSDNET_CIFAR_B7_CASCADE[-1]
+    assert real.mean_macs < MSDNET_CIFAR_B7_CASCADE[-1]
 
 
-def test_early_exit_counts_cascade_flops(msdnet):
+def test_early_exit_counts_cascade_macs(msdnet):
     x = torch.randn(2, 3, 32, 32)
-    everyone_at_exit1 = early_exit(msdnet, x, [0.0] + [NEVER] * 6)  # counts the cascade FLOPs itself
-    assert everyone_at_exit1.flops == 2 * MSDNET_CIFAR_B7_CASCADE[0] and everyone_at_exit1.samples_per_stage == [2]
+    everyone_at_exit1 = early_exit(msdnet, x, [0.0] + [NEVER] * 6)  # counts the cascade MACs itself
+    assert everyone_at_exit1.macs == 2 * MSDNET_CIFAR_B7_CASCADE[0] and everyone_at_exit1.samples_per_stage == [2]
 
 
 def test_scan_predict_real_equals_simulated(msdnet):
@@ -175,6 +175,111 @@ def test_scan_predict_real_equals_simulated(msdnet):
         scan_predict(logits)  # the authors' four thresholds do not fit a seven-exit model
 
 
+@pytest.fixture
+def count_calls(monkeypatch):
+    """Counts the calls of dynzoo.flops.count_macs (every fvcore trace) while the test runs."""
+    calls = []
+    count_macs = dynzoo.flops.count_macs
+    monkeypatch.setattr(dynzoo.flops, 'count_macs', lambda *args, **kwargs: calls.append(1) or count_macs(*args,
+                                                                                                          **kwargs))
+    return calls
+
+
+def test_default_call_counts_once_per_model_size_and_change(count_calls):
+    torch.manual_seed(0)
+    model = dynzoo.create_model('msdnet_cifar_lin5', num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    everyone_at_the_end = [NEVER] * 4
+    first = early_exit(model, x, everyone_at_the_end)
+    assert len(count_calls) == model.num_exits  # one trace per exit, cascade scope
+    again = early_exit(model, x, everyone_at_the_end)
+    scan_predict(model, x, thresholds=[0.5] * 5, relative_costs=[1] * 6)
+    assert len(count_calls) == model.num_exits and again.macs == first.macs  # taken from the cache
+    fresh = dynzoo.per_exit_macs(dynzoo.create_model('msdnet_cifar_lin5', num_classes=10))
+    assert first.macs == 4 * fresh[-1]
+
+    # Another input size, another classifier, an optimized copy: each counted anew, each right.
+    bigger = early_exit(model, torch.randn(4, 3, 40, 40), everyone_at_the_end)
+    assert bigger.macs == 4 * dynzoo.per_exit_macs(dynzoo.create_model('msdnet_cifar_lin5', num_classes=10),
+                                                   input_size=(3, 40, 40))[-1] > first.macs
+    model.reset_classifier(1000)
+    calls_before = len(count_calls)
+    wider = early_exit(model, x, everyone_at_the_end)
+    assert len(count_calls) > calls_before
+    assert wider.macs == 4 * dynzoo.per_exit_macs(dynzoo.create_model('msdnet_cifar_lin5', num_classes=1000))[-1]
+    assert wider.macs > first.macs
+    calls_before = len(count_calls)
+    fast = dynzoo.optimize_for_inference(model)
+    assert early_exit(fast, x, everyone_at_the_end).macs == wider.macs and len(count_calls) > calls_before
+    calls_before = len(count_calls)
+    early_exit(model, x, everyone_at_the_end)  # building the copy left the original's counts alone
+    assert len(count_calls) == calls_before
+
+
+def _two_exit_logits(first, second):
+    return [torch.log(torch.tensor(first, dtype=torch.float64)), torch.log(torch.tensor(second, dtype=torch.float64))]
+
+
+class _Margin(ExitRule):
+    """Top-1 minus top-2 probability: a criterion that changes only ``score``."""
+
+    def score(self, k, logits):
+        top = torch.softmax(logits.float(), 1).topk(2, dim=1)
+        return top.values[:, 0] - top.values[:, 1], top.indices[:, 0]
+
+
+class _Agree(ExitRule):
+    """Leave once two consecutive exits predict the same class: a rule that carries memory between exits."""
+
+    def __init__(self):
+        super().__init__([])
+
+    def check(self, num_exits):
+        pass
+
+    def decide(self, k, logits, memory=None):
+        prediction = logits.argmax(1)
+        leave = torch.zeros_like(prediction, dtype=torch.bool) if memory is None else prediction == memory
+        return leave, prediction, prediction
+
+
+def test_exit_rules_plug_into_simulated_and_real_early_exit(msdnet):
+    # Margin 0.9 - 0.05 = 0.85 >= 0.8 leaves at exit 1; max probability 0.6 passes 0.55 but its margin 0.2 does not.
+    logits = _two_exit_logits([[0.9, 0.05, 0.05], [0.6, 0.4, 0.0]], [[0.1, 0.8, 0.1], [0.1, 0.2, 0.7]])
+    assert simulate_early_exit(logits, _Margin([0.8])).exits.tolist() == [0, 1]
+    assert simulate_early_exit(logits, [0.55]).exits.tolist() == [0, 0]
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        all_logits = msdnet(x)
+    predicted = torch.stack([l.argmax(1) for l in all_logits])
+    agree = (predicted[1:] == predicted[:-1]).int()
+    expected = [int(a.argmax()) + 1 if a.any() else msdnet.num_exits - 1 for a in agree.T]
+    for rule in (_Margin([0.3, 0.5, 0.6, 0.6, 0.7, 0.8]), _Agree()):
+        simulated, real = simulate_early_exit(all_logits, rule), early_exit(msdnet, x, rule)
+        assert torch.equal(real.predictions, simulated.predictions) and torch.equal(real.exits, simulated.exits)
+        assert real.samples_per_stage == simulated.samples_per_stage
+    assert simulated.exits.tolist() == expected and len(set(expected)) > 1
+    with pytest.raises(ValueError, match='fallback and strict to the ExitRule'):
+        early_exit(msdnet, x, _Agree(), strict=True)
+
+
+def test_deprecated_flops_names_still_work(msdnet):
+    logits = _two_exit_logits([[0.9, 0.1], [0.6, 0.4]], [[0.1, 0.9], [0.2, 0.8]])
+    with pytest.warns(DeprecationWarning, match='macs='):
+        result = simulate_early_exit(logits, [0.8], flops=[1, 3])
+    with pytest.warns(DeprecationWarning, match='EarlyExitResult.macs'):
+        assert result.flops == result.macs == 1 * 2 + 2 * 1
+    with pytest.warns(DeprecationWarning, match='per_exit_macs'):
+        assert dynzoo.per_exit_flops(msdnet) == MSDNET_CIFAR_B7_CASCADE
+    rows = evaluate_budgeted(logits, torch.tensor([0, 1]), logits, torch.tensor([0, 1]), [1, 3], qs=[1.0])
+    with pytest.warns(DeprecationWarning, match="'expected_macs'"):
+        assert rows[0]['expected_flops'] == rows[0]['expected_macs']
+    with pytest.raises(KeyError):
+        rows[0]['flops']
+    with pytest.raises(ValueError, match='both macs= and its deprecated alias'):
+        simulate_early_exit(logits, [0.8], macs=[1, 3], flops=[1, 3])
+
+
 def _parse(add_args, argv):
     return add_args(argparse.ArgumentParser()).parse_args(argv)
 
@@ -183,13 +288,13 @@ def test_cli_eval_and_bench_smoke(tmp_path, capsys):
     table, = run_eval(_parse(add_eval_args, ['msdnet_cifar_b7', '--limit', '4', '--batch-size', '4',
                                              '--out', str(tmp_path)]))
     saved = json.loads((tmp_path / 'anytime.json').read_text())
-    assert [row['flops_cascade'] for row in saved['rows']] == MSDNET_CIFAR_B7_CASCADE
+    assert [row['macs_cascade'] for row in saved['rows']] == MSDNET_CIFAR_B7_CASCADE
     assert saved['meta']['num_samples'] == 4 and len(table) == 7
     assert (tmp_path / 'anytime.png').read_bytes()[:4] == b'\x89PNG'
     table, = run_eval(_parse(add_eval_args, ['msdnet_cifar_b7', '--mode', 'early-exit', '--q', '0.5', '2',
                                              '--holdout', '8', '--limit', '8', '--batch-size', '8']))
     assert [row['q'] for row in table.rows] == [0.5, 2.0]
-    assert table.rows[0]['mean_flops'] < table.rows[1]['mean_flops'] <= MSDNET_CIFAR_B7_CASCADE[-1]
+    assert table.rows[0]['mean_macs'] < table.rows[1]['mean_macs'] <= MSDNET_CIFAR_B7_CASCADE[-1]
     budget = tmp_path / 'budget'
     tables = run_eval(_parse(add_eval_args, ['msdnet_cifar_lin5', 'resnet_mc_cifar', '--mode', 'budget', '--data',
                                              'sample', '--holdout', '20', '--limit', '20', '--batch-size', '20',
@@ -200,9 +305,9 @@ def test_cli_eval_and_bench_smoke(tmp_path, capsys):
         'budget.png', 'budget_msdnet_cifar_lin5.json', 'budget_msdnet_cifar_lin5.png', 'budget_resnet_mc_cifar.json',
         'budget_resnet_mc_cifar.png']
     tables = run_bench(_parse(add_bench_args, ['scan_resnet18', '--no-accuracy', '--out', str(tmp_path)]))
-    cascade, lazy = tables[0].column('flops_cascade'), tables[0].column('flops_lazy')
+    cascade, lazy = tables[0].column('macs_cascade'), tables[0].column('macs_lazy')
     assert len(cascade) == 4 and cascade == sorted(cascade) and all(l <= c for l, c in zip(lazy, cascade))
-    assert json.loads((tmp_path / 'bench_scan_resnet18.json').read_text())['rows'][-1]['flops_cascade'] == cascade[-1]
+    assert json.loads((tmp_path / 'bench_scan_resnet18.json').read_text())['rows'][-1]['macs_cascade'] == cascade[-1]
     assert 'bench: scan_resnet18' in capsys.readouterr().out
 
 

@@ -69,20 +69,20 @@ def test_outputs_match_authors_code(fixture_id):
 
 
 @pytest.mark.parametrize('fixture_id', sorted(MANIFEST))
-def test_per_exit_flops_and_params_match_manifest(fixture_id):
+def test_per_exit_macs_and_params_match_manifest(fixture_id):
     model, entry = _fixture_model(fixture_id)
     per_exit = entry['per_exit']
-    assert dynzoo.per_exit_flops(model, convention='authors') == [e['official_flops'] for e in per_exit]
-    assert dynzoo.per_exit_flops(model) == [e['fvcore_cumulative'] for e in per_exit]
-    assert dynzoo.per_exit_flops(model, scope='standalone') == [e['fvcore_standalone'] for e in per_exit]
-    assert dynzoo.per_exit_flops(model, scope='lazy') == [e['fvcore_lazy'] for e in per_exit]
+    assert dynzoo.per_exit_macs(model, convention='authors') == [e['official_flops'] for e in per_exit]
+    assert dynzoo.per_exit_macs(model) == [e['fvcore_cumulative'] for e in per_exit]
+    assert dynzoo.per_exit_macs(model, scope='standalone') == [e['fvcore_standalone'] for e in per_exit]
+    assert dynzoo.per_exit_macs(model, scope='lazy') == [e['fvcore_lazy'] for e in per_exit]
     assert dynzoo.per_exit_params(model) == [e['cumulative_params'] for e in per_exit]
     assert sum(p.numel() for p in model.parameters()) == entry['total_params']
 
 
 def test_msdnet_step4_authors_flops_to_the_unit():
     model = dynzoo.create_model('msdnet_step4')
-    assert dynzoo.per_exit_flops(model, convention='authors') == [
+    assert dynzoo.per_exit_macs(model, convention='authors') == [
         339_902_824, 685_456_720, 1_008_156_120, 1_254_472_688, 1_360_529_624]
 
 
@@ -95,14 +95,14 @@ def test_parameter_totals(name, num_classes):
 @pytest.mark.parametrize('name,num_classes', sorted(AUTHORS_MFLOPS))
 def test_authors_flops_every_config(name, num_classes):
     model = dynzoo.create_model(name, num_classes=num_classes)
-    flops = dynzoo.per_exit_flops(model, convention='authors')
+    flops = dynzoo.per_exit_macs(model, convention='authors')
     assert [round(f / 1e6, 2) for f in flops] == AUTHORS_MFLOPS[name, num_classes]
 
 
 @pytest.mark.parametrize('scope', sorted(LIN5_FVCORE_MFLOPS))
 def test_fvcore_scopes_budgeted_config(scope):
     model = dynzoo.create_model('msdnet_cifar_lin5')
-    flops = dynzoo.per_exit_flops(model, scope=scope)
+    flops = dynzoo.per_exit_macs(model, scope=scope)
     assert [round(f / 1e6, 2) for f in flops] == LIN5_FVCORE_MFLOPS[scope]
 
 

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 import dynzoo
-from dynzoo.flops import CONV_LINEAR_OPS
 from dynzoo.models import CheckpointMismatchError
 from dynzoo.models.sdpoint import Instance, SDPointResNet
-from dynzoo.sdpoint import instance_flops, recalibrate_bn, select_instance
+from dynzoo.sdpoint import instance_macs, recalibrate_bn, select_instance
 from parity import deterministic_state_dict, load_keys, load_manifest, load_outputs
 
 torch.set_num_threads(1)
@@ -84,13 +83,13 @@ def test_param_counts(name, params, keys, instances):
         assert len(model.bn_layers()) == 104 and model.instance_bn_stats.num_channels == 68_928
 
 
-def test_flops_per_instance_resnet50(manifest):
+def test_macs_per_instance_resnet50(manifest):
     model = dynzoo.create_model('sdpoint_resnet50')
     entries = {e['name']: e for e in manifest['instances']}
     names = ['nil', 'p16_r075', 'p0_r050', 'p6_r075', 'p7_r075', 'p15_r075']
     chosen = [_instance(entries[n]) for n in names]
-    default = instance_flops(model, instances=chosen)
-    macs = instance_flops(model, instances=chosen[:2], ops=CONV_LINEAR_OPS)
+    default = instance_macs(model, instances=chosen, ops=None)
+    macs = instance_macs(model, instances=chosen[:2])
     assert [i.name for i in default] == names
     for name, instance in zip(names, chosen):
         assert default[instance] == entries[name]['fvcore_default'], name
@@ -105,10 +104,10 @@ def test_flops_per_instance_resnet50(manifest):
     ('sdpoint_resnext101_32x4d', {NIL: 8.013, (33, 0.5): 2.145, (7, 0.75): 5.209}),
     ('sdpoint_preresnet101', {NIL: 7.834, (33, 0.5): 2.104, (7, 0.75): 5.078}),
 ])
-def test_flops_spec_b8(name, expected):
+def test_macs_spec_b8(name, expected):
     model = dynzoo.create_model(name)
-    flops = instance_flops(model, instances=list(expected))
-    assert {k: round(v / 1e9, 3) for k, v in flops.items()} == expected
+    macs = instance_macs(model, instances=list(expected), ops=None)
+    assert {k: round(v / 1e9, 3) for k, v in macs.items()} == expected
 
 
 def test_sampling_distribution():
@@ -264,3 +263,13 @@ def test_select_instance(manifest):
         select_instance(flops, 4.0e9, {'p7_75': 0.74})
     with pytest.raises(ValueError, match=r'cheapest is \(16, 0\.5\)'):
         select_instance(flops, 1e9)
+
+
+def test_instance_macs_count_what_per_exit_macs_counts():
+    model = dynzoo.create_model('sdpoint_preresnet_cifar', num_classes=10)
+    full = instance_macs(model, instances=[NIL])[NIL]
+    assert full == dynzoo.per_exit_macs(model)[0]  # conv + linear by default, both
+    everything = instance_macs(model, instances=[NIL], ops=None)[NIL]
+    assert everything > full  # fvcore's full count adds batch norm and pooling
+    with pytest.warns(DeprecationWarning, match='pass ops=None for the count instance_flops gave'):
+        assert dynzoo.instance_flops(model, instances=[NIL]) == {NIL: everything}

@@ -10,7 +10,7 @@ A multi-exit network is a chain of *stages*, each followed by an exit *head*. A 
 
 and sets ``num_exits``, ``in_chans`` and ``default_input_size``. The base class then provides the dynzoo convention:
 ``forward(x)`` returns a list of logits, shallow exit first; ``iter_exits(x)`` yields them one by one and lets the
-caller drop samples between exits (real early exit); FLOPs counters trace ``forward_stage``/``forward_head`` to
+caller drop samples between exits (real early exit); MACs counters trace ``forward_stage``/``forward_head`` to
 cost any subset of the network.
 """
 from typing import Iterator, List, Optional, Sequence

@@ -305,7 +305,7 @@ class ExitHead(nn.Module):
 class DenseNetMC(_DenseFeatures, MultiExitNetwork):
     """DenseNet^MC, the multi-classifier baseline of the MSDNet paper: DenseNet-BC with an :class:`ExitHead` after
     every dense block (``exits='blocks'``), a :class:`MultiExitNetwork` (``forward`` returns the logits list, shallow
-    first; ``iter_exits``, ``per_exit_flops``). Same arguments as :class:`DenseNet`; the backbone keys are the same
+    first; ``iter_exits``, ``per_exit_macs``). Same arguments as :class:`DenseNet`; the backbone keys are the same
     (``features.*``), the final norm and classifier become ``heads.{last}.norm`` / ``heads.{last}.fc``.
 
     The MSDNet paper's CIFAR DenseNet^MC placed its classifiers inside the blocks as well; dynzoo exits after blocks.
