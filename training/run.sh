@@ -23,6 +23,6 @@ start() {  # start NAME NICE ARGS...
 
 ONLY=${1:-}
 # 1. MSDNet-b7: 100 epochs of cosine after 2 warm-up epochs, Nesterov, label smoothing, bf16, compiled step.
-start msdnet_cifar_b7.c10 -5 --model msdnet_cifar_b7 --preset fast_cifar --epochs 100 --compile
+start msdnet_cifar_b7.c10 -10 --model msdnet_cifar_b7 --preset fast_cifar --epochs 100 --compile
 # 2. SDPoint PreResNet-20: 200 epochs, on the time the other run and the session's work leave free.
 start sdpoint_preresnet_cifar.c10 19 --model sdpoint_preresnet_cifar --preset fast_cifar --epochs 200
