@@ -34,16 +34,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..data import normalization
 from ._exits import MultiExitNetwork
 from ._helpers import dynzoo_default_cfgs, make_checkpoint_filter
 
 __all__ = ['DenseNet', 'DenseNetMC', 'DenseLayer', 'checkpoint_filter_fn']
 
-CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 def _needs_batch_stats(norm: nn.BatchNorm2d) -> bool:
@@ -384,8 +382,7 @@ def _create_densenet(variant: str, pretrained: bool = False, **kwargs):
 def _cfg(url: str = '', **kwargs):
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'features.conv0', 'classifier': 'classifier',
+        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'), 'first_conv': 'features.conv0', 'classifier': 'classifier',
         'paper_ids': 'arXiv:1608.06993', 'paper_name': 'Densely Connected Convolutional Networks',
         **kwargs,
     }
@@ -401,7 +398,7 @@ def _tv_cfg(architecture: str, torchvision_file: str):
 
 def _cifar_cfg(**kwargs):
     return _cfg(**{'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'crop_pct': 1.0,
-                   'mean': CIFAR10_MEAN, 'std': CIFAR10_STD, 'license': 'mit',
+                   **normalization('densenet_cifar'), 'license': 'mit',
                    'origin_url': 'https://github.com/gpleiss/efficient_densenet_pytorch', **kwargs})
 
 

@@ -18,18 +18,14 @@ from typing import List, Sequence
 
 import torch
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..data import normalization
 from ._exits import SPARE_CHANNELS, MultiExitNetwork
 from ._fuse import FoldedBatchNorm
 from ._helpers import checkpoint_filter, dynzoo_default_cfgs, init_he_fan_out
 
 __all__ = ['MSDNet']
-
-CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-
 
 class ConvBnAct(nn.Module):
     """Conv (no bias) - BN - ReLU, held in ``net`` as in the authors' key layout."""
@@ -417,8 +413,7 @@ def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
 def _cfg(num_exits: int, url: str = '', **kwargs):
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'blocks.0.0.layers.0.0',
+        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'), 'first_conv': 'blocks.0.0.layers.0.0',
         'classifier': tuple(f'classifier.{k}.linear' for k in range(num_exits)),
         'license': 'mit', 'paper_ids': 'arXiv:1703.09844', 'paper_name': 'Multi-Scale Dense Networks for Resource '
         'Efficient Image Classification', 'origin_url': 'https://github.com/kalviny/MSDNet-PyTorch',
@@ -427,8 +422,8 @@ def _cfg(num_exits: int, url: str = '', **kwargs):
 
 
 def _cifar_cfg(num_exits: int, **kwargs):
-    kwargs = {'num_classes': 100, 'input_size': (3, 32, 32), 'crop_pct': 1.0, 'mean': CIFAR10_MEAN,
-              'std': CIFAR10_STD, 'first_conv': 'blocks.0.0.layers.0.net.0', **kwargs}
+    kwargs = {'num_classes': 100, 'input_size': (3, 32, 32), 'crop_pct': 1.0, **normalization('msdnet_cifar'),
+              'first_conv': 'blocks.0.0.layers.0.net.0', **kwargs}
     return _cfg(num_exits, **kwargs)
 
 
