@@ -5,10 +5,10 @@ DenseNet^MC baseline of the MSDNet paper.
 Layouts and outputs follow the reference code, so weights move both ways:
 
 * ImageNet (``densenet_bc_121/161/169/201``): torchvision's ``densenet121/161/169/201``, same ``state_dict`` keys and
-  outputs. torchvision's released files use an old key style inside dense layers (``norm.1.weight``,
-  ``conv.2.weight``, ...); ``checkpoint_filter_fn`` renames those keys, so the files load through
-  ``pretrained_cfg_overlay=dict(file=PATH)``, or ``pretrained=True`` (tag ``tv_in1k``) once the converted weights
-  are on the Hub (``pretrained_cfg_overlay=dict(hf_hub_id=None)`` downloads torchvision's file instead).
+  outputs, and timm's ``densenet*`` has the same keys too. ``pretrained=True`` (tag ``tv_in1k``, the default) loads
+  torchvision's weights from timm's Hub repositories (``timm/densenet121.tv_in1k``, ...), falling back to
+  torchvision's own files, which use an old key style inside dense layers (``norm.1.weight``, ``conv.2.weight``,
+  ...): ``checkpoint_filter_fn`` renames those keys.
   ``densenet_bc_264`` is the (6, 12, 64, 48) network of the memory-efficient report (not in torchvision, no weights).
 * CIFAR (``densenet_bc_100_k12``, ``densenet_bc_250_k24``, ``densenet_bc_190_k40``): gpleiss/efficient_densenet_pytorch
   (3x3 stem without BN or pooling, final norm named ``features.norm_final``). Its ``demo.py`` builds
@@ -388,12 +388,11 @@ def _cfg(url: str = '', **kwargs):
     }
 
 
-def _tv_cfg(architecture: str, torchvision_file: str):
-    """torchvision's released weights, converted to safetensors under the dynzoo Hub organisation; ``url`` is
-    torchvision's original file (``pretrained_cfg_overlay=dict(hf_hub_id=None)`` downloads that instead)."""
-    return _cfg(url=f'https://download.pytorch.org/models/{torchvision_file}',
-                hf_hub_id=f'dynzoo/{architecture}.tv_in1k', license='bsd-3-clause',
-                origin_url='https://github.com/pytorch/vision')
+def _tv_cfg(timm_name: str, torchvision_file: str):
+    """torchvision's weights: timm's Hub repository (the same tensors as safetensors, and timm's ``densenet*`` has
+    dynzoo's keys), with torchvision's own file as the fallback ``url``."""
+    return _cfg(url=f'https://download.pytorch.org/models/{torchvision_file}', hf_hub_id=f'timm/{timm_name}.tv_in1k',
+                license='bsd-3-clause', origin_url='https://github.com/pytorch/vision')
 
 
 def _cifar_cfg(**kwargs):
@@ -403,10 +402,10 @@ def _cifar_cfg(**kwargs):
 
 
 default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
-    'densenet_bc_121.tv_in1k': _tv_cfg('densenet_bc_121', 'densenet121-a639ec97.pth'),
-    'densenet_bc_161.tv_in1k': _tv_cfg('densenet_bc_161', 'densenet161-8d451a50.pth'),
-    'densenet_bc_169.tv_in1k': _tv_cfg('densenet_bc_169', 'densenet169-b2777c0a.pth'),
-    'densenet_bc_201.tv_in1k': _tv_cfg('densenet_bc_201', 'densenet201-c1103571.pth'),
+    'densenet_bc_121.tv_in1k': _tv_cfg('densenet121', 'densenet121-a639ec97.pth'),
+    'densenet_bc_161.tv_in1k': _tv_cfg('densenet161', 'densenet161-8d451a50.pth'),
+    'densenet_bc_169.tv_in1k': _tv_cfg('densenet169', 'densenet169-b2777c0a.pth'),
+    'densenet_bc_201.tv_in1k': _tv_cfg('densenet201', 'densenet201-c1103571.pth'),
     'densenet_bc_264': _cfg(),
     'densenet_bc_100_k12': _cifar_cfg(),
     'densenet_bc_100_k12.c10': _cifar_cfg(num_classes=10, hf_hub_id='dynzoo/densenet_bc_100_k12.c10'),
@@ -415,7 +414,8 @@ default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'densenet_bc_100_k12_mc': _cifar_cfg(
         classifier=tuple(f'heads.{k}.fc' for k in range(3)), paper_ids='arXiv:1703.09844',
         paper_name='Multi-Scale Dense Networks for Resource Efficient Image Classification (DenseNet^MC baseline)'),
-}))
+}), reported_top1={f'densenet_bc_{depth}.tv_in1k': ('ImageNet val', (top1,)) for depth, top1 in (
+    (121, 74.43), (161, 77.14), (169, 75.60), (201, 76.90))})
 
 _CIFAR_ARGS = dict(stem='cifar', bn_size=4, compression=0.5)
 

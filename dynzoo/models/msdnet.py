@@ -3,7 +3,10 @@ Classification", ICLR 2018).
 
 The network is the authors' PyTorch port (kalviny/MSDNet-PyTorch, ``models/msdnet.py``) rebuilt from its
 specification: same layers, same ``state_dict`` keys and shapes, same outputs, same parameter counts, so the authors'
-released checkpoints load as they are. Where dynzoo differs:
+released checkpoints load as they are. ImageNet weights: the authors' own (``msdnet_step4.in1k``,
+``msdnet_step7.in1k``: files in a shared folder, loaded with ``file=``) and those released with L2W-DEN (direct
+downloads, ``l2w_e300_in1k`` / ``l2w_e100_in1k``; the 300-epoch ones are the bare names' default). Where dynzoo
+differs:
 
 * ``forward`` returns the list of exit logits like the authors' code, and ``iter_exits`` computes them one block at a
   time so that samples can leave early for real (the authors only simulate early exit);
@@ -427,16 +430,48 @@ def _cifar_cfg(num_exits: int, **kwargs):
     return _cfg(num_exits, **kwargs)
 
 
+# The MSDNet authors' ImageNet weights (kalviny/MSDNet-PyTorch README) sit in a Dropbox shared folder, not behind a
+# direct link: ``file=`` (or the download cache) loads them.
+_DROPBOX_FOLDER = 'https://www.dropbox.com/sh/7p758wfcq4wm6lf/AACU4hFtV1_4UQavexrsSs1Ba?dl=0'
+# "Learning to Weight Samples for Dynamic Early-exiting Networks" (ECCV 2022) released MSDNets trained with its
+# sample weighting (LeapLabTHU/L2W-DEN README), direct downloads. The repository has no licence file: dynzoo links
+# to the files and does not redistribute them.
+_L2W = dict(paper_ids='arXiv:2209.08310', paper_name='Learning to Weight Samples for Dynamic Early-exiting Networks',
+            origin_url='https://github.com/LeapLabTHU/L2W-DEN', license=None)
+_L2W_URLS = {  # (step, epochs) -> Tsinghua Cloud file id; 300 epochs used label smoothing 0.1
+    (4, 100): '469af5c3b186439b84cd', (6, 100): '66e2ed9a4d9241a79602', (7, 100): '0f018f3024c74f2494d2',
+    (4, 300): '496543cfbbc741e380dd', (6, 300): 'af63fdd6418d4cee8eba', (7, 300): 'b1b706e7b7984051b10a',
+}
+_L2W_TOP1 = {
+    (4, 100): (59.54, 67.22, 71.03, 72.33, 73.93), (6, 100): (60.05, 69.13, 73.33, 75.19, 76.30),
+    (7, 100): (59.24, 69.65, 73.94, 75.66, 76.72), (4, 300): (61.64, 67.89, 71.61, 73.82, 75.03),
+    (6, 300): (61.41, 70.70, 74.38, 75.80, 76.66), (7, 300): (60.94, 71.88, 75.13, 76.03, 76.82),
+}
+
+
+def _l2w_name(step: int, epochs: int) -> str:
+    return f'msdnet_step{step}.l2w_e{epochs}_in1k'
+
+
+def _l2w_cfg(step: int, epochs: int):
+    """The URL has no file name (``.../f/<id>/?dl=1``): the cfg's ``(url, file name)`` names the cached file."""
+    url = f'https://cloud.tsinghua.edu.cn/f/{_L2W_URLS[step, epochs]}/?dl=1'
+    return _cfg(5, url=(url, f'{_l2w_name(step, epochs)}.pth.tar'), **_L2W)
+
+
+# Per architecture the best weights come first: the bare name loads them.
 default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
-    'msdnet_step4.in1k': _cfg(5, hf_hub_id='dynzoo/msdnet_step4.in1k'),
-    'msdnet_step6': _cfg(5),
-    'msdnet_step7.in1k': _cfg(5, hf_hub_id='dynzoo/msdnet_step7.in1k'),
+    **{_l2w_name(step, epochs): _l2w_cfg(step, epochs) for step in (4, 6, 7) for epochs in (300, 100)},
+    'msdnet_step4.in1k': _cfg(5, origin_url=_DROPBOX_FOLDER),
+    'msdnet_step7.in1k': _cfg(5, origin_url=_DROPBOX_FOLDER),
     'msdnet_cifar_b7': _cifar_cfg(7),
     'msdnet_cifar_b7.c10': _cifar_cfg(7, num_classes=10, hf_hub_id='dynzoo/msdnet_cifar_b7.c10'),
     'msdnet_cifar_b10': _cifar_cfg(10),
     'msdnet_cifar_lin5': _cifar_cfg(5),
     'msdnet_cifar_lin7': _cifar_cfg(7),
-}))
+}), reported_top1={_l2w_name(*key): ('ImageNet val', top1) for key, top1 in _L2W_TOP1.items()},
+    file_only={'msdnet_step4.in1k': 'msdnet-step=4-block=5.pth.tar',
+               'msdnet_step7.in1k': 'msdnet-step=7-block=5.pth.tar'})
 
 _IMAGENET_ARGS = dict(n_blocks=5, step_mode='even', channels=32, growth_rate=16, gr_factor='1-2-4-4',
                       bn_factor='1-2-4-4', stem='imagenet')
