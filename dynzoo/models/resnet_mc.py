@@ -136,7 +136,7 @@ def _cfg(**kwargs):
 
 default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'resnet_mc_cifar': _cfg(),
-    'resnet_mc_cifar.c10': _cfg(num_classes=10, hf_hub_id='dynzoo/resnet_mc_cifar.c10'),
+    'resnet_mc_cifar.c10': _cfg(num_classes=10, hf_hub_id='dynzoo/resnet_mc_cifar.c10', license='mit'),
 }))
 
 

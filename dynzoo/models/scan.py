@@ -265,7 +265,7 @@ _DEPTHS = {
 
 default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     **{f'scan_resnet{depth}': _scan_cfg() for depth in _DEPTHS},
-    'scan_resnet18.c10': _scan_cfg(num_classes=10, hf_hub_id='dynzoo/scan_resnet18.c10'),
+    'scan_resnet18.c10': _scan_cfg(num_classes=10, hf_hub_id='dynzoo/scan_resnet18.c10', license='mit'),
     **{f'byot_resnet{depth}': _byot_cfg() for depth in _DEPTHS},
 }))
 
