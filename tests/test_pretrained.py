@@ -62,7 +62,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server():
     srv = _Server(('127.0.0.1', 0), _Handler)
     srv.files, srv.requests, srv.truncate = {}, [], set()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs=dict(poll_interval=0.02), daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
