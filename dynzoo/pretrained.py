@@ -170,12 +170,13 @@ def url_source(model_name: str, overlay: Optional[Dict[str, Any]], hub_error: Op
     """The overlay that loads ``model_name`` from its cfg's ``url``: the cached file, else a download (none when
     offline). ``hub_error``: why the Hub repository, tried first, could not be read (named in the error)."""
     cfg = _cfg(model_name, overlay)
-    hub_part = (f'the Hugging Face Hub repository {cfg["hf_hub_id"]} could not be read ({type(hub_error).__name__}: '
-                'offline and not in the Hub cache, unreachable, or not published)' if hub_error is not None else '')
+    repo_id = cfg.get('hf_hub_id') or model_name.partition('hf-hub:')[2]
+    hub_part = (f'the Hugging Face Hub repository {repo_id} could not be read ({type(hub_error).__name__}: offline '
+                'and not in the Hub cache, unreachable, or not published)' if hub_error is not None else '')
     if not cfg.get('url'):
         raise PretrainedWeightsNotFoundError(
             f'no weights for {model_name!r}: {hub_part or "no source"}, and no mirror holds them '
-            f'(${hub.MIRROR_ENV}/{cfg.get("hf_hub_id") or HUB_ORG + "/" + model_name}/). Pass a local file with '
+            f'(${hub.MIRROR_ENV}/{repo_id or HUB_ORG + "/" + model_name}/). Pass a local file with '
             'pretrained_cfg_overlay=dict(file=PATH).') from hub_error
     url, file_name = url_and_file_name(cfg['url'], model_name)
     path = cache_dir() / file_name
@@ -192,7 +193,8 @@ def resolve_pretrained_source(model_name: str, pretrained_cfg_overlay: Optional[
     """The ``(model_name, pretrained_cfg_overlay)`` for ``timm.create_model(..., pretrained=True)``.
 
     In order: the caller's ``state_dict`` or ``file``; the mirror and shipped folders (``hub.mirror_folder``); a
-    Hub repository (left to timm: ``create_model`` calls :func:`url_source` if it cannot be read); a URL; a file
+    Hub repository (left to timm, ``create_model`` calling :func:`url_source` if it cannot be read; read from the
+    Hub cache here when only ``DYNZOO_OFFLINE`` is set, which huggingface_hub does not know); a URL; a file
     released only inside a web page, if it is in the cache. Raises :class:`PretrainedWeightsNotFoundError` naming
     what exists when the name has no weights.
     """
@@ -215,6 +217,13 @@ def resolve_pretrained_source(model_name: str, pretrained_cfg_overlay: Optional[
         return model_name, pretrained_cfg_overlay
     cfg = _cfg(model_name, overlay)
     if cfg.get('hf_hub_id'):
+        if is_offline() and not huggingface_hub.constants.is_offline_mode():  # dynzoo's setting: read the cache here
+            cached = _hub_cached(cfg['hf_hub_id'])
+            if cached is None:
+                return model_name, url_source(model_name, overlay, hub_error=OfflineModeIsEnabled(
+                    f'{cfg["hf_hub_id"]} is not in the Hub cache'))
+            return model_name, _with_state_dict(dict(overlay, file=os.fspath(cached)), model_name,
+                                                hub.load_checkpoint_file(cached))
         return model_name, pretrained_cfg_overlay
     if cfg.get('url'):
         return model_name, url_source(model_name, overlay)

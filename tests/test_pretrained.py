@@ -205,12 +205,16 @@ def test_interrupted_transfer_leaves_no_file_and_says_what_to_do(server, caches,
 def test_offline_makes_no_request_and_names_the_ways_out(server, caches, monkeypatch, setting):
     name = 'msdnet_step6.l2w_e300_in1k'
     url = _serve_as(server, monkeypatch, name, {})
-    monkeypatch.setenv(setting, '1')
+    _hub_at(server, monkeypatch)
+    _serve_as(server, monkeypatch, 'densenet_bc_169.tv_in1k', {})
+    monkeypatch.setenv(setting, '1')  # the variable only: huggingface_hub read its setting (off) at import
     with pytest.raises(dynzoo.PretrainedWeightsNotFoundError) as error:
         dynzoo.create_model(name, pretrained=True)
-    assert server.requests == []
     for part in ('offline', url, str(caches / f'{name}.pth.tar'), 'pretrained_cfg_overlay=dict(file=PATH)'):
         assert part in str(error.value)
+    with pytest.raises(dynzoo.PretrainedWeightsNotFoundError, match=r'timm/densenet169\.tv_in1k.*offline'):
+        dynzoo.create_model('densenet_bc_169', pretrained=True)
+    assert server.requests == []
 
 
 def test_offline_densenet_names_the_hub_repository_and_the_url(caches, monkeypatch):
@@ -243,7 +247,7 @@ def _hf_cache_repo(cache: Path, repo_id: str, files: dict) -> None:
         (repo / 'snapshots' / commit / name).symlink_to(Path('..') / '..' / 'blobs' / blob)
 
 
-def test_densenet_from_timms_hub_repository_in_the_hf_cache(caches, monkeypatch):
+def test_densenet_from_timms_hub_repository_in_the_hf_cache(server, caches, monkeypatch):
     torch.manual_seed(4)
     reference = timm.create_model('densenet121').eval()
     _hf_cache_repo(Path(huggingface_hub.constants.HF_HUB_CACHE), 'timm/densenet121.tv_in1k', {
@@ -251,11 +255,19 @@ def test_densenet_from_timms_hub_repository_in_the_hf_cache(caches, monkeypatch)
         'config.json': json.dumps(dict(architecture='densenet121', num_classes=1000)).encode()})
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    model = dynzoo.create_model('densenet_bc_121', pretrained=True)
+    model = dynzoo.create_model('densenet_bc_121', pretrained=True)  # timm and huggingface_hub read the cache
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), reference(x), rtol=1e-5, atol=1e-5)
-    assert main(['weights', 'densenet_bc_121*']) == 0
+        expected = reference(x)
+        torch.testing.assert_close(model.eval()(x), expected, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setenv(pretrained.OFFLINE_ENV, '1')  # dynzoo's setting, unknown to huggingface_hub
+    _hub_at(server, monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(dynzoo.create_model('densenet_bc_121', pretrained=True).eval()(x), expected,
+                                   rtol=1e-5, atol=1e-5)
+    assert server.requests == []
 
 
 @pytest.fixture
