@@ -259,14 +259,14 @@ def test_densenet_from_timms_hub_repository_in_the_hf_cache(server, caches, monk
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = reference(x)
-        torch.testing.assert_close(model.eval()(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.eval()(x), expected, rtol=0, atol=0)
 
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
     monkeypatch.setenv(pretrained.OFFLINE_ENV, '1')  # dynzoo's setting, unknown to huggingface_hub
     _hub_at(server, monkeypatch)
     with torch.no_grad():
         torch.testing.assert_close(dynzoo.create_model('densenet_bc_121', pretrained=True).eval()(x), expected,
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=0, atol=0)
     assert server.requests == []
 
 
@@ -382,3 +382,10 @@ def test_weights_command_lists_every_tag_with_its_source(capsys):
     assert 'file only' in rows['msdnet_step4.in1k']
     assert main(['weights', 'scan*']) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:-1]] == ['scan_resnet18.c10']
+
+
+def test_readme_released_weights_table_matches_the_reported_accuracy():
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    rows = {m.group(1): [float(v) for v in m.group(2).split('|') if v.strip()]
+            for m in re.finditer(r'^\| `([\w.]+)` \| [^|]+ \|((?: *[\d.]* *\|)+)$', readme, re.M)}
+    assert rows == {name: list(top1) for name, (_, top1) in REPORTED_TOP1.items()}
