@@ -25,8 +25,9 @@ SAMPLE_PATH = Path(__file__).parent / 'assets' / 'cifar10_test_sample.npz'
 CIFAR_NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
 # Per preset: the normalisation per dataset ('default' when the authors used one pair for every dataset) and the
-# augmentation recipe. The single source of these statistics: the models' pretrained configs read them here too. Sources: MSDNet PyTorch ``dataloader.py``; SCAN ``train.py`` and the journal Self-Distillation
+# augmentation recipe. Sources: MSDNet PyTorch ``dataloader.py``; SCAN ``train.py`` and the journal Self-Distillation
 # ``train.py`` (spec scan_sdpoint.md A6); gpleiss efficient-densenet ``demo.py``; torchvision's ImageNet recipe.
+# The one source of these statistics: the models' pretrained configs read them here too (``normalization``).
 PRESETS: Dict[str, dict] = {
     'cifar': dict(augment='crop_flip', stats={
         'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Optional
 import timm
 from timm.models import is_model, model_entrypoint, split_model_name_tag
 
-from .pretrained import HUB_ERRORS, PretrainedWeightsNotFoundError, resolve_pretrained_source, url_source
+from .pretrained import HUB_ERRORS, resolve_pretrained_source, url_source
 
 
 class UnknownModelError(ValueError, RuntimeError):

@@ -146,14 +146,15 @@ def _model_card(name: str, config: Dict[str, Any]) -> str:
     kind = (f'a {info["num_exits"]}-exit dynamic image classifier: every exit returns logits, so a sample can leave '
             'the network as soon as an exit is confident' if info['num_exits'] > 1 else 'an image classifier')
     paper, link = cfg.get('paper_name'), _paper_link(cfg)
-    data = ModelCardData(library_name='timm', license=cfg.get('license') or 'other', pipeline_tag='image-classification',
+    card_license = cfg.get('license') or 'other'
+    data = ModelCardData(library_name='timm', license=card_license, pipeline_tag='image-classification',
                          tags=['image-classification', 'timm', 'dynzoo', 'early-exit'])
     lines = [
         f'# {name}', '',
         f'`{architecture}`, {kind}. Built with dynzoo (the `dynzoo` Python package), which registers it in timm.', '',
     ]
     if paper:
-        lines += [f'Paper: ' + (f'[{paper}]({link})' if link else f'"{paper}" ({cfg.get("paper_ids", "")})') + '.', '']
+        lines += ['Paper: ' + (f'[{paper}]({link})' if link else f'"{paper}" ({cfg.get("paper_ids", "")})') + '.', '']
     if cfg.get('origin_url'):
         lines += [f'Authors\' code: <{cfg["origin_url"]}>.', '']
     lines += [

@@ -210,7 +210,8 @@ def resolve_pretrained_source(model_name: str, pretrained_cfg_overlay: Optional[
         overlay = _with_state_dict(overlay, model_name, hub.load_checkpoint_file(weights))
         if model_name.startswith('hf-hub:'):
             if not (folder / 'config.json').is_file():
-                raise FileNotFoundError(f'{folder} has {hub.WEIGHTS_NAME} but no config.json; copy the whole Hub folder')
+                raise FileNotFoundError(
+                    f'{folder} has {hub.WEIGHTS_NAME} but no config.json; copy the whole Hub folder')
             model_name = f'local-dir:{folder}'
         return model_name, overlay
     if model_name.startswith(('hf-hub:', 'local-dir:')):

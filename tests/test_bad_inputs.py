@@ -99,7 +99,8 @@ def _trainers_last_pth(model) -> Path:
 
 def _eval_trainers_last_pth():
     last = _trainers_last_pth(dynzoo.create_model('sdpoint_preresnet_cifar'))
-    return cli_main(['eval', 'sdpoint_preresnet_cifar', '--checkpoint', str(last), '--limit', '20', '--batch-size', '20'])
+    return cli_main(['eval', 'sdpoint_preresnet_cifar', '--checkpoint', str(last), '--limit', '20',
+                     '--batch-size', '20'])
 
 
 def _resume_from_garbage():

@@ -382,7 +382,8 @@ def _create_densenet(variant: str, pretrained: bool = False, **kwargs):
 def _cfg(url: str = '', **kwargs):
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'), 'first_conv': 'features.conv0', 'classifier': 'classifier',
+        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'),
+        'first_conv': 'features.conv0', 'classifier': 'classifier',
         'paper_ids': 'arXiv:1608.06993', 'paper_name': 'Densely Connected Convolutional Networks',
         **kwargs,
     }

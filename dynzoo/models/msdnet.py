@@ -416,7 +416,8 @@ def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
 def _cfg(num_exits: int, url: str = '', **kwargs):
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'), 'first_conv': 'blocks.0.0.layers.0.0',
+        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'),
+        'first_conv': 'blocks.0.0.layers.0.0',
         'classifier': tuple(f'classifier.{k}.linear' for k in range(num_exits)),
         'license': 'mit', 'paper_ids': 'arXiv:1703.09844', 'paper_name': 'Multi-Scale Dense Networks for Resource '
         'Efficient Image Classification', 'origin_url': 'https://github.com/kalviny/MSDNet-PyTorch',
