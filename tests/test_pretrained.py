@@ -151,6 +151,13 @@ def test_l2w_url_loads_strictly_and_is_cached(server, caches, monkeypatch):
     with pytest.raises(CheckpointMismatchError, match=r'1 missing key\(s\): classifier\.1\.linear\.bias'):
         dynzoo.create_model('msdnet_step4.l2w_e100_in1k', pretrained=True, **TINY_MSDNET)
 
+    # Weights of another base (as the step 6 ones would be if L2W-DEN trained them with base 4): the error says so.
+    other_base = _random_model('msdnet_step6', seed=0, **dict(TINY_MSDNET, base=2))
+    _serve_as(server, monkeypatch, 'msdnet_step6.l2w_e300_in1k', _l2w_checkpoint(other_base))
+    with pytest.raises(CheckpointMismatchError, match=r'missing key.*blocks hold \[4, 2\] modules .* this model.s '
+                       r'\[2, 2\]: the checkpoint was built with another base, step or n_blocks'):
+        dynzoo.create_model('msdnet_step6', pretrained=True, **TINY_MSDNET)
+
 
 def test_official_dataparallel_file_loads_from_a_url_and_from_the_cache(server, caches, monkeypatch):
     model = _random_model('msdnet_step4', seed=1, **TINY_MSDNET)

@@ -17,7 +17,7 @@ differs:
 * wrong input sizes raise a ``ValueError`` up front instead of a shape error inside a head.
 """
 import math
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -26,9 +26,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from ..data import normalization
 from ._exits import SPARE_CHANNELS, MultiExitNetwork
 from ._fuse import FoldedBatchNorm
-from ._helpers import checkpoint_filter, dynzoo_default_cfgs, init_he_fan_out
+from ._helpers import (CheckpointMismatchError, check_state_dict, dynzoo_default_cfgs, init_he_fan_out,
+                       unwrap_state_dict)
 
-__all__ = ['MSDNet']
+__all__ = ['MSDNet', 'checkpoint_filter_fn']
 
 class ConvBnAct(nn.Module):
     """Conv (no bias) - BN - ReLU, held in ``net`` as in the authors' key layout."""
@@ -405,10 +406,36 @@ class MSDNet(MultiExitNetwork):
         return f'its exit heads need the coarsest feature map to pool to 1x1: sides {sizes[0]}..{sizes[-1]} work'
 
 
+def _block_sizes(state_dict: Dict[str, torch.Tensor]) -> List[int]:
+    """Modules per block (``blocks.<b>.<i>``), which ``base``, ``step`` and ``n_blocks`` set."""
+    modules: Dict[int, set] = {}
+    for key in state_dict:
+        parts = key.split('.')
+        if parts[0] == 'blocks' and len(parts) > 2:
+            modules.setdefault(int(parts[1]), set()).add(parts[2])
+    return [len(modules[b]) for b in sorted(modules)]
+
+
+def checkpoint_filter_fn(state_dict, model: MSDNet) -> Dict[str, torch.Tensor]:
+    """timm ``pretrained_filter_fn``: unwrap and check strictly. When the checkpoint's blocks hold other module counts
+    than the model's (another ``base`` / ``step``: the L2W-DEN step 6 weights are assumed to use base 6), the error
+    says so."""
+    state_dict = unwrap_state_dict(state_dict)
+    try:
+        return check_state_dict(state_dict, model)
+    except CheckpointMismatchError as e:
+        theirs, ours = _block_sizes(state_dict), _block_sizes(model.state_dict())
+        if theirs == ours:
+            raise
+        raise CheckpointMismatchError(
+            f'{e} Its blocks hold {theirs} modules (stem, layers, transitions), this model\'s {ours}: the checkpoint '
+            'was built with another base, step or n_blocks; build the model with those it was trained with.') from None
+
+
 def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
     return build_model_with_cfg(
         MSDNet, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter,
+        pretrained_filter_fn=checkpoint_filter_fn,
         **kwargs,
     )
 
