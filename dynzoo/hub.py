@@ -382,7 +382,7 @@ def convert_checkpoint(family: str, src, dst, model_name: Optional[str] = None, 
             kwargs['num_classes'] = classes
         error, distance = _fits(filter_fn, state_dict, architecture, kwargs)
         if error is None:
-            model = timm.create_model(architecture, **kwargs)
+            model = timm.create_model(model_name or architecture, **kwargs)  # the tag's cfg: its paper, licence
             model.load_state_dict(filter_fn(state_dict, model), strict=True)
             name = model_name or architecture
             save_pretrained(model.eval(), dst, model_name=name, dtype=dtype,

@@ -207,6 +207,12 @@ def test_interrupted_transfer_leaves_no_file_and_says_what_to_do(server, caches,
     _assert_same_outputs(model, dynzoo.create_model(name, pretrained=True, **TINY_MSDNET),
                          torch.randn(1, 3, 160, 160))
 
+    expected.unlink()
+    del server.files[urlparse(url).path]  # a source that cannot be reached
+    with pytest.raises(dynzoo.PretrainedWeightsNotFoundError, match=r'HTTP Error 404') as error:
+        dynzoo.create_model(name, pretrained=True, **TINY_MSDNET)
+    assert url in str(error.value) and 'pretrained_cfg_overlay=dict(file=PATH)' in str(error.value)
+
 
 @pytest.mark.parametrize('setting', ['HF_HUB_OFFLINE', pretrained.OFFLINE_ENV])
 def test_offline_makes_no_request_and_names_the_ways_out(server, caches, monkeypatch, setting):
