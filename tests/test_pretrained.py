@@ -3,6 +3,7 @@ checkpoints in the released formats (strict loads, cache reuse, interrupted tran
 cache as huggingface_hub lays it out; configs and model cards that tell the truth; ``dynzoo weights``."""
 import hashlib
 import http.server
+import io
 import json
 import re
 import threading
@@ -100,7 +101,6 @@ def _serve_as(server, monkeypatch, name: str, checkpoint) -> str:
 
 
 def _saved(checkpoint) -> bytes:
-    import io
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     return buffer.getvalue()
@@ -138,7 +138,7 @@ def test_l2w_url_loads_strictly_and_is_cached(server, caches, monkeypatch):
     _serve_as(server, monkeypatch, name, _l2w_checkpoint(model))
     loaded = dynzoo.create_model('msdnet_step4', pretrained=True, **TINY_MSDNET)  # the bare name's default
     _assert_same_outputs(model, loaded, torch.randn(2, 3, 160, 160))
-    assert [p for p in server.requests] == ['/f/496543cfbbc741e380dd/?dl=1']
+    assert server.requests == ['/f/496543cfbbc741e380dd/?dl=1']
     assert sorted(p.name for p in caches.iterdir()) == [f'{name}.pth.tar']
 
     again = dynzoo.create_model(name, pretrained=True, **TINY_MSDNET)  # from the cache: no request
@@ -281,6 +281,8 @@ def test_densenet_from_timms_hub_repository_in_the_hf_cache(server, caches, monk
         torch.testing.assert_close(dynzoo.create_model('densenet_bc_121', pretrained=True).eval()(x), expected,
                                    rtol=0, atol=0)
     assert server.requests == []
+    [row] = pretrained.weights_table('densenet_bc_121*')
+    assert row['cached'] == 'yes' and row['size'] == '30.8 MiB'  # timm's densenet121 in float32
 
 
 @pytest.fixture
@@ -338,7 +340,7 @@ def test_every_pretrained_tag_has_a_source_that_exists(name):
     elif cfg.hf_hub_id:
         assert cfg.hf_hub_id in TIMM_REPOS
         timm_name = cfg.hf_hub_id.split('/')[1]
-        assert timm.models.get_pretrained_cfg(timm_name).hf_hub_id.rstrip('/') in ('timm', cfg.hf_hub_id)
+        assert timm.models.get_pretrained_cfg(timm_name).hf_hub_id == cfg.hf_hub_id  # timm's own tag
     else:
         assert cfg.url, f'{name} has no source'
     if cfg.url:
