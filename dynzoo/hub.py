@@ -156,7 +156,7 @@ def _model_card(name: str, config: Dict[str, Any]) -> str:
     if paper:
         lines += ['Paper: ' + (f'[{paper}]({link})' if link else f'"{paper}" ({cfg.get("paper_ids", "")})') + '.', '']
     if cfg.get('origin_url'):
-        lines += [f'Authors\' code: <{cfg["origin_url"]}>.', '']
+        lines += [f'Origin (the authors\' code or release): <{cfg["origin_url"]}>.', '']
     lines += [
         f'Classes: {config["num_classes"]}. Input: {"x".join(map(str, cfg["input_size"]))}, '
         f'mean {tuple(cfg["mean"])}, std {tuple(cfg["std"])}.', '',
