@@ -157,6 +157,8 @@ def _model_card(name: str, config: Dict[str, Any]) -> str:
         lines += ['Paper: ' + (f'[{paper}]({link})' if link else f'"{paper}" ({cfg.get("paper_ids", "")})') + '.', '']
     if cfg.get('origin_url'):
         lines += [f'Origin (the authors\' code or release): <{cfg["origin_url"]}>.', '']
+    if cfg.get('description'):  # weights released by others: their reported accuracy, labelled as such
+        lines += [f'{cfg["description"]}.', '']
     lines += [
         f'Classes: {config["num_classes"]}. Input: {"x".join(map(str, cfg["input_size"]))}, '
         f'mean {tuple(cfg["mean"])}, std {tuple(cfg["std"])}.', '',
@@ -250,6 +252,9 @@ def save_pretrained(
     else:  # safetensors stores contiguous tensors
         export = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.contiguous_format)
     export.num_features = _num_features(model)  # timm's save_for_hf reads it; multi-exit networks have none
+    if model.pretrained_cfg.get('tag') not in (None, '', tag):  # e.g. trained from scratch on a bare name whose
+        # default cfg is another's released weights: that tag and its reported accuracy do not describe these ones
+        export.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ('tag', 'description')}
     pretrained_cfg = {'hf_hub_id': f'{HUB_ORG}/{model_name}'}
     if tag:
         pretrained_cfg['tag'] = tag

@@ -198,3 +198,13 @@ def test_convert_advice_works_and_a_non_empty_destination_needs_force(tmp_path, 
     with pytest.raises(FileExistsError, match='--force'):
         _convert(*argv)
     assert _convert(*argv, '--force') == 0
+
+
+def test_export_under_another_tag_drops_the_source_tags_claims(tmp_path):
+    model = dynzoo.create_model('msdnet_step4', n_blocks=2, step=1, base=1, channels=4, growth_rate=2)
+    assert model.pretrained_cfg['tag'] == 'l2w_e300_in1k'  # the bare name's default: weights released by others
+    for name, kept in (('msdnet_step4', False), ('msdnet_step4.l2w_e300_in1k', True)):
+        hub.save_pretrained(model, tmp_path / name, model_name=name)
+        cfg = json.loads((tmp_path / name / 'config.json').read_text())['pretrained_cfg']
+        assert ('description' in cfg) == kept and cfg.get('tag') == (name.partition('.')[2] or None)
+        assert ('as reported by the authors' in (tmp_path / name / 'README.md').read_text()) == kept
