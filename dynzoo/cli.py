@@ -1,4 +1,4 @@
-"""The ``dynzoo`` command: ``dynzoo bench | eval | train | convert``. Its process keeps freed memory for reuse
+"""The ``dynzoo`` command: ``dynzoo bench | eval | train | convert | weights``. Its process keeps freed memory for reuse
 (``dynzoo.inference.retain_freed_memory``): no page faults on every batch's feature maps."""
 import argparse
 import ast
@@ -15,6 +15,8 @@ COMMANDS = {
     'train': ('dynzoo.train', 'add_train_args', 'run_train', "train a model with the authors' or a fast recipe"),
     'convert': ('dynzoo.hub', 'add_convert_args', 'run_convert',
                 "turn an authors' checkpoint into a Hub-ready folder (safetensors)"),
+    'weights': ('dynzoo.pretrained', 'add_weights_args', 'run_weights',
+                'every pretrained tag: source, accuracy, size, whether it is cached here'),
 }
 
 

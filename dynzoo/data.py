@@ -18,7 +18,7 @@ from torchvision import datasets, transforms
 
 __all__ = [
     'SAMPLE_PATH', 'PRESETS', 'load_cifar_npz', 'load_sample', 'ArrayDataset', 'cifar_dataset', 'build_transforms',
-    'image_folder', 'holdout_indices', 'Cutout',
+    'image_folder', 'holdout_indices', 'Cutout', 'normalization',
 ]
 
 SAMPLE_PATH = Path(__file__).parent / 'assets' / 'cifar10_test_sample.npz'
@@ -27,6 +27,7 @@ CIFAR_NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 # Per preset: the normalisation per dataset ('default' when the authors used one pair for every dataset) and the
 # augmentation recipe. Sources: MSDNet PyTorch ``dataloader.py``; SCAN ``train.py`` and the journal Self-Distillation
 # ``train.py`` (spec scan_sdpoint.md A6); gpleiss efficient-densenet ``demo.py``; torchvision's ImageNet recipe.
+# The one source of these statistics: the models' pretrained configs read them here too (``normalization``).
 PRESETS: Dict[str, dict] = {
     'cifar': dict(augment='crop_flip', stats={
         'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -150,6 +151,17 @@ class Cutout:
         return f'{type(self).__name__}(length={self.length})'
 
 
+def normalization(preset: str, dataset: str = 'cifar10') -> Dict[str, Tuple[float, ...]]:
+    """``dict(mean=..., std=...)`` of ``preset`` (a key of ``PRESETS``) for ``dataset``."""
+    if preset not in PRESETS:
+        raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
+    stats = PRESETS[preset]['stats']
+    mean_std = stats.get(dataset, stats.get('default'))
+    if mean_std is None:
+        raise ValueError(f'preset {preset!r} has normalisation for {sorted(stats)} only, not {dataset!r}')
+    return dict(mean=mean_std[0], std=mean_std[1])
+
+
 def build_transforms(preset: str = 'cifar', train: bool = False, dataset: str = 'cifar10',
                      input_size: int = 224) -> transforms.Compose:
     """The authors' preprocessing for ``preset`` (a key of ``PRESETS``), training or evaluation.
@@ -160,14 +172,8 @@ def build_transforms(preset: str = 'cifar', train: bool = False, dataset: str = 
     ``dataset`` picks the normalisation where the authors used one per dataset (MSDNet). dynzoo uses torchvision's
     AutoAugment policy rather than the authors' re-implementation of it, and applies Cutout after normalisation.
     """
-    if preset not in PRESETS:
-        raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
-    spec = PRESETS[preset]
-    stats = spec['stats'].get(dataset, spec['stats'].get('default'))
-    if stats is None:
-        raise ValueError(f'preset {preset!r} has normalisation for {sorted(spec["stats"])} only, not {dataset!r}')
-    normalize = transforms.Normalize(*stats)
-    augment = spec['augment']
+    normalize = transforms.Normalize(**normalization(preset, dataset))
+    augment = PRESETS[preset]['augment']
     if augment == 'imagenet':
         if train:
             steps = [transforms.RandomResizedCrop(input_size), transforms.RandomHorizontalFlip()]

@@ -32,7 +32,142 @@ CASES += [
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints, pretrained weights and export folders
 # ---------------------------------------------------------------------------------------------------------------------
+# This section's imports, kept here so that the sections merge cleanly.
+import os  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import dynzoo  # noqa: E402
+from dynzoo import hub, train  # noqa: E402
+from dynzoo.cli import main as cli_main  # noqa: E402
+
+_CKPT_TMP = tempfile.TemporaryDirectory(prefix='dynzoo-bad-inputs-')  # removed at exit
+_TINY_MSDNET = dict(n_blocks=2, base=1, step=1, channels=4, growth_rate=2)
+
+
+def _ckpt_tmp() -> Path:
+    return Path(tempfile.mkdtemp(dir=_CKPT_TMP.name))
+
+
+def _tiny_msdnet():
+    torch.manual_seed(0)
+    return dynzoo.create_model('msdnet_cifar_b7', num_classes=10, **_TINY_MSDNET).eval()
+
+
+def _saved(checkpoint) -> Path:
+    path = _ckpt_tmp() / 'checkpoint.pth'
+    torch.save(checkpoint, path)
+    return path
+
+
+def _garbage(data: bytes) -> Path:
+    path = _ckpt_tmp() / 'garbage.pth'
+    path.write_bytes(data)
+    return path
+
+
+def _load(name: str = 'msdnet_cifar_b7', **overlay):
+    kwargs = _TINY_MSDNET if name == 'msdnet_cifar_b7' else {}
+    return dynzoo.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def _with_tensor(key: str, dtype):
+    """The tiny MSDNet's state dict with one weight stored as another dtype (as a corrupt or quantized file holds)."""
+    state = _tiny_msdnet().state_dict()
+    state[key] = state[key].to(dtype)
+    return state
+
+
+def _has_weights_of_tiny_msdnet(model):
+    expected = _tiny_msdnet().state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def _trainers_last_pth(model) -> Path:
+    """``last.pth`` as dynzoo's trainer writes it: the weights under ``model``, beside the run's state."""
+    path = _ckpt_tmp() / 'last.pth'
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train.save_checkpoint(path, dict(
+        epoch=1, global_step=10, model=model.state_dict(), criterion={}, optimizer=optimizer.state_dict(),
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1).state_dict(), rng=[train._rng_state()],
+        history=[dict(epoch=1, train_loss=2.0)], train_time=1.0, config=dict(epochs=1), model_name='msdnet'))
+    return path
+
+
+def _eval_trainers_last_pth():
+    last = _trainers_last_pth(dynzoo.create_model('sdpoint_preresnet_cifar'))
+    return cli_main(['eval', 'sdpoint_preresnet_cifar', '--checkpoint', str(last), '--limit', '20',
+                     '--batch-size', '20'])
+
+
+def _resume_from_garbage():
+    return train.main(['--model', 'msdnet_cifar_lin5', '--dataset', 'synthetic', '--output', str(_ckpt_tmp() / 'run'),
+                       '--resume', str(_garbage(b'\x80\x02h\x00.')), '--no-progress'])
+
+
+def _export_killed_while_writing():
+    """The export folder after a process dies while ``save_pretrained`` writes the weights: a forked child killed by
+    the kernel (SIGXFSZ) on passing a file-size limit, as kill -9 would kill it, with no handler run."""
+    folder = _ckpt_tmp() / 'export'
+    model = dynzoo.create_model('sdpoint_preresnet_cifar')
+    pid = os.fork()
+    if pid == 0:  # the child: Python ignores SIGXFSZ, restore the kernel's default (terminate)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        dynzoo.save_pretrained(model, folder, model_card=False)
+        os._exit(0)
+    status = os.waitpid(pid, 0)[1]
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXFSZ, status
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _only_final_files(names):
+    assert set(names) <= {'model.safetensors', 'config.json', 'README.md'}, names
+
+
 CASES += [
+    Case('state_dict overlay keeps the exit heads of a 10-class checkpoint',
+         lambda: dynzoo.create_model('msdnet_cifar_b7', num_classes=10, pretrained=True, **_TINY_MSDNET,
+                                     pretrained_cfg_overlay=dict(state_dict=_tiny_msdnet().state_dict())),
+         check=_has_weights_of_tiny_msdnet),
+    Case('integer tensor in a checkpoint is refused on load, not cast',
+         lambda: _load(file=_saved(_with_tensor('classifier.0.linear.weight', torch.int64))),
+         raises=dynzoo.CheckpointMismatchError,
+         match=r'another kind.*classifier\.0\.linear\.weight: checkpoint torch\.int64 vs model torch\.float32'),
+    Case('bool tensor in a checkpoint is refused by dynzoo convert, not cast',
+         lambda: hub.convert_checkpoint('msdnet', _saved(_with_tensor('blocks.0.0.layers.0.net.1.weight', torch.bool)),
+                                        _ckpt_tmp() / 'out', model_name='msdnet_cifar_b7', model_kwargs=_TINY_MSDNET),
+         raises=dynzoo.CheckpointMismatchError, match=r'another kind.*torch\.bool vs model torch\.float32'),
+    Case('save_pretrained of an optimized (fused) model',
+         lambda: dynzoo.save_pretrained(dynzoo.optimize_for_inference(_tiny_msdnet()), _ckpt_tmp() / 'export'),
+         raises=ValueError, match='optimized for inference.*save the model before optimizing it'),
+    Case('garbage checkpoint whose unpickling raises KeyError', lambda: _load(file=_garbage(b'\x80\x02h\x00.')),
+         raises=dynzoo.CheckpointFileError, match='not a readable PyTorch checkpoint'),
+    Case('garbage checkpoint whose unpickling raises IndexError', lambda: _load(file=_garbage(b'\x80\x02.')),
+         raises=dynzoo.CheckpointFileError, match='not a readable PyTorch checkpoint'),
+    Case('garbage checkpoint as the --resume file', _resume_from_garbage,
+         raises=dynzoo.CheckpointFileError, match='not a readable PyTorch checkpoint'),
+    Case("the trainer's own last.pth loads with create_model(file=)",
+         lambda: _load(file=_trainers_last_pth(_tiny_msdnet())), check=_has_weights_of_tiny_msdnet),
+    Case("the trainer's own last.pth loads with dynzoo eval --checkpoint", _eval_trainers_last_pth,
+         check=lambda status: None if status == 0 else pytest.fail(f'exit status {status}')),
+    Case('a list saved as a checkpoint', lambda: _load(file=_saved(list(_tiny_msdnet().state_dict().values()))),
+         raises=dynzoo.CheckpointMismatchError, match=r'expected a state dict.*got a list'),
+    Case('pretrained=True on an architecture without default weights names its tags',
+         lambda: dynzoo.create_model('msdnet_cifar_b7', pretrained=True),
+         raises=dynzoo.PretrainedWeightsNotFoundError, match=r'msdnet_cifar_b7\.c10'),
+    Case("pretrained=True on an architecture with no weights at all names its family's tags",
+         lambda: dynzoo.create_model('scan_resnet34', pretrained=True),
+         raises=dynzoo.PretrainedWeightsNotFoundError, match=r'scan_resnet18\.c10'),
+    Case('create_model(None)', lambda: dynzoo.create_model(None),
+         raises=TypeError, match=r'model_name must be a string.*got NoneType None'),
+    Case('kill -9 during export leaves no temporary file in the export folder', _export_killed_while_writing,
+         check=_only_final_files),
 ]
 
 

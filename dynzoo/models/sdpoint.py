@@ -48,9 +48,9 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Type
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..data import normalization
 from ._helpers import check_state_dict, dynzoo_default_cfgs, init_he_fan_out, unwrap_state_dict
 
 __all__ = ['SDPointResNet', 'Instance', 'RATIOS', 'sdpoint_checkpoint_filter']
@@ -59,8 +59,6 @@ RATIOS = (0.5, 0.75)
 STATS_PREFIX = 'instance_bn_stats.'
 SAMPLING_MODES = ('uniform', 'authors')
 
-CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 class Instance(NamedTuple):
@@ -490,7 +488,7 @@ def _create_sdpoint(variant: str, pretrained: bool, model_args: dict, **kwargs) 
 def _cfg(url: str = '', **kwargs):
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'),
         'first_conv': 'conv1', 'classifier': 'fc',
         'license': 'mit', 'paper_ids': 'arXiv:1801.09335', 'paper_name': 'Stochastic Downsampling for Cost-Adjustable '
         'Inference and Improved Regularization in Convolutional Networks',
@@ -514,9 +512,9 @@ default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'sdpoint_preresnet152': _cfg(),
     'sdpoint_preresnet200': _cfg(),
     'sdpoint_preresnet_cifar': _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-                                    mean=CIFAR10_MEAN, std=CIFAR10_STD),
+                                    **normalization('cifar')),
     'sdpoint_preresnet_cifar.c10': _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-                                        mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                                        **normalization('cifar'),
                                         hf_hub_id='dynzoo/sdpoint_preresnet_cifar.c10'),
 }))
 
