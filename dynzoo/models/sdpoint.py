@@ -52,6 +52,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._helpers import check_state_dict, dynzoo_default_cfgs, init_he_fan_out, unwrap_state_dict
+from ._inputs import check_input_tensor
 
 __all__ = ['SDPointResNet', 'Instance', 'RATIOS', 'sdpoint_checkpoint_filter']
 
@@ -441,8 +442,10 @@ class SDPointResNet(nn.Module):
         return self.sample_instance() if self.training else NIL
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        if not torch.jit.is_scripting():
+            check_input_tensor(self, x)
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            shape = tuple(x.shape)
             raise ValueError(
                 f'{type(self).__name__} expects a batch of {self.in_chans}-channel images of shape '
                 f'(N, {", ".join(map(str, self.default_input_size))}), got {shape}.')
