@@ -86,7 +86,8 @@ def _npy_file(path, array):
     (lambda p: _write_npz(p, test_jpeg=_jpeg((0, 0, 0)).astype(np.float32), test_offsets=np.array([0, 10]),
                           test_labels=np.array([0])), 'test_jpeg is a float32 array'),
     (lambda p: _write_npz(p, images=np.zeros((1, 32, 32, 3), np.uint8)), r"has no test split .*it holds \['images'\]"),
-])
+], ids=['text', 'pickle', 'truncated', 'npy', 'object-arrays', 'offsets-past-the-end', 'offsets-mid-image',
+        'float-bytes', 'other-keys'])
 def test_a_file_that_is_not_a_packed_npz_names_itself_and_the_format(tmp_path, make, problem):
     path = make(tmp_path / 'bad.npz')
     with pytest.raises(data.PackedCifarError) as error:
