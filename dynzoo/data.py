@@ -166,8 +166,13 @@ def cifar_dataset(split: str = 'train', source: str = 'npz', root=None, path=Non
         if root is None:
             raise ValueError("source='torchvision' needs root=<folder> (and download=True to fetch the data there)")
         dataset_cls = datasets.CIFAR10 if name == 'cifar10' else datasets.CIFAR100
-        return dataset_cls(os.fspath(root), train=split == 'train', download=download,
-                           transform=transform if transform is not None else transforms.ToTensor())
+        try:
+            return dataset_cls(os.fspath(root), train=split == 'train', download=download,
+                               transform=transform if transform is not None else transforms.ToTensor())
+        except RuntimeError as error:  # torchvision: 'Dataset not found or corrupted'
+            raise FileNotFoundError(f'no complete {name} download in {root}: pass the folder that holds '
+                                    f'{dataset_cls.base_folder}/, or download=True (the --download option) to '
+                                    'fetch it there') from error
     raise ValueError(f"source must be 'npz', 'torchvision' or 'sample', got {source!r}")
 
 

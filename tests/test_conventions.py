@@ -88,3 +88,12 @@ def test_input_of_another_dtype_is_refused_but_autocast_casts_float32(name):
         outputs = model(x)
     outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs
     assert all(o.dtype == torch.bfloat16 for o in outputs)
+
+
+def test_collect_logits_refuses_labels_outside_the_models_classes():
+    model = dynzoo.create_model('resnet_mc_cifar', num_classes=10)
+    for labels, message in (([0, 10], 'label 10 is not a class of this 10-class model'),
+                            ([0.0, 1.0], 'integer class indices')):
+        loader = DataLoader(TensorDataset(torch.randn(2, 3, 32, 32), torch.tensor(labels)), batch_size=2)
+        with pytest.raises(ValueError, match=message):
+            collect_logits(model, loader)
