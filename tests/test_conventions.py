@@ -64,7 +64,7 @@ class _CheckedConv(nn.Module):
         return self.conv(x)
 
 
-def test_input_check_leaves_no_trace_in_fx_torchscript_and_export_graphs():
+def test_input_check_leaves_no_trace_in_fx_torchscript_export_and_compiled_graphs():
     model = _CheckedConv().eval()
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(TypeError, match='float32 weights'):
@@ -72,7 +72,7 @@ def test_input_check_leaves_no_trace_in_fx_torchscript_and_export_graphs():
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # torch.jit.script is deprecated
         graphs = [torch.fx.symbolic_trace(model), torch.jit.script(model), torch.jit.trace(model, x),
-                  torch.export.export(model, (x,)).module()]
+                  torch.export.export(model, (x,)).module(), torch.compile(model, backend='eager', fullgraph=True)]
     for graph in graphs:
         assert torch.equal(graph(x), model(x))
     assert [node.op for node in graphs[0].graph.nodes] == ['placeholder', 'call_module', 'output']
