@@ -39,6 +39,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from ..data import normalization
 from ._exits import MultiExitNetwork
 from ._helpers import dynzoo_default_cfgs, make_checkpoint_filter
+from ._inputs import check_input_tensor
 
 __all__ = ['DenseNet', 'DenseNetMC', 'DenseLayer', 'checkpoint_filter_fn']
 
@@ -259,6 +260,8 @@ class DenseNet(_DenseFeatures, nn.Module):
         self._init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            check_input_tensor(self, x)
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f'{type(self).__name__} expects a batch of {self.in_chans}-channel images (N, '
                              f'{self.in_chans}, H, W), got shape {tuple(x.shape)}')
