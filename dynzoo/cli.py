@@ -15,6 +15,8 @@ COMMANDS = {
     'train': ('dynzoo.train', 'add_train_args', 'run_train', "train a model with the authors' or a fast recipe"),
     'convert': ('dynzoo.hub', 'add_convert_args', 'run_convert',
                 "turn an authors' checkpoint into a Hub-ready folder (safetensors)"),
+    'export': ('dynzoo.export', 'add_export_args', 'run_export',
+               'write each stage of a multi-exit model as its own ONNX or torch.export graph, for early exit'),
 }
 
 

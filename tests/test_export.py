@@ -1,0 +1,175 @@
+"""Each stage of a multi-exit model as its own graph (ONNX, torch.export), and early exit over them in ONNX Runtime."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dynzoo
+from dynzoo.cli import main
+from dynzoo.data import load_sample
+from dynzoo.export import MANIFEST, OnnxEarlyExit, export_stages, max_softmax_exit
+from dynzoo.inference import simulate_early_exit
+
+torch.set_num_threads(1)
+
+# A three-exit MSDNet small enough to export in seconds (as tests/test_train.py's TINY_MSDNET).
+TINY_MSDNET = dict(n_blocks=3, base=1, step=1, channels=4, growth_rate=2, num_classes=10)
+
+
+def _onnx():
+    for module in ('onnx', 'onnxscript', 'onnxruntime'):
+        pytest.importorskip(module, reason=f'{module} is missing: the ONNX tests need pip install "dynzoo[export]"')
+
+
+def _tiny_msdnet(seed: int = 0):
+    torch.manual_seed(seed)
+    return dynzoo.create_model('msdnet_cifar_b7', **TINY_MSDNET).eval()
+
+
+def _cifar_sample(model, n: int) -> torch.Tensor:
+    images = torch.from_numpy(load_sample()[0][:n]).permute(0, 3, 1, 2).float() / 255
+    cfg = model.pretrained_cfg
+    return (images - torch.tensor(cfg['mean']).view(3, 1, 1)) / torch.tensor(cfg['std']).view(3, 1, 1)
+
+
+def _thresholds_between_confidences(logits, quantile: float):
+    """Per exit but the last, a threshold halfway between the two confidences around ``quantile`` of the samples:
+    every confidence is far (in float rounding terms) from it, so ONNX Runtime and PyTorch decide alike."""
+    thresholds = []
+    for exit_logits in logits[:-1]:
+        confidence = torch.softmax(exit_logits, 1).max(1).values.sort().values
+        i = int(quantile * len(confidence))
+        assert confidence[i] - confidence[i - 1] > 1e-5, 'test data: pick another quantile'
+        thresholds.append(float(confidence[i - 1] + confidence[i]) / 2)
+    return thresholds
+
+
+@pytest.fixture(scope='module')
+def msdnet_onnx(tmp_path_factory):
+    _onnx()
+    model, folder = _tiny_msdnet(), tmp_path_factory.mktemp('msdnet_onnx')
+    manifest = export_stages(model, folder, thresholds=[0.5, 0.6])
+    return model, folder, manifest
+
+
+@pytest.fixture(scope='module')
+def scan_onnx(tmp_path_factory):
+    _onnx()
+    model, folder = dynzoo.create_model('scan_resnet18.c10', pretrained=True).eval(), tmp_path_factory.mktemp('scan')
+    return model, folder, export_stages(model, folder)
+
+
+def test_manifest_chains_the_stages(msdnet_onnx):
+    model, folder, manifest = msdnet_onnx
+    assert json.loads((folder / MANIFEST).read_text()) == manifest
+    stages = manifest['stages']
+    assert [s['file'] for s in stages] == ['stage_0.onnx', 'stage_1.onnx', 'stage_2.onnx']
+    assert all((folder / s['file']).is_file() for s in stages)
+    assert stages[0]['inputs'] == ['x']
+    for previous, stage in zip(stages, stages[1:]):  # stage k takes stage k-1's state, without its logits
+        assert stage['inputs'] == previous['outputs'][:-1]
+    # MSDNet's state is one map per scale; the tiny model drops a scale after each of its first two layers.
+    assert [len(s['outputs']) - 1 for s in stages] == [3, 2, 1]
+    assert [s['outputs'][-1] for s in stages] == ['logits_0', 'logits_1', 'logits_2']
+    assert manifest['macs'] == [s['macs'] for s in stages] == dynzoo.per_exit_flops(model)
+    assert manifest['input_size'] == [3, 32, 32] and manifest['num_exits'] == 3 and manifest['num_classes'] == 10
+    assert manifest['mean'] == list(model.pretrained_cfg['mean']) and manifest['thresholds'] == [0.5, 0.6]
+
+
+@pytest.mark.parametrize('batch', [1, 5])
+def test_onnx_stages_reproduce_every_exit(msdnet_onnx, batch):
+    model, folder, _ = msdnet_onnx
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))  # traced at batch 2
+    with torch.no_grad():
+        expected = model(x)
+    outputs = OnnxEarlyExit(folder, threads=1).all_exits(x.numpy())
+    assert len(outputs) == 3
+    for output, reference in zip(outputs, expected):
+        assert output.shape == (batch, 10)
+        np.testing.assert_allclose(output, reference.numpy(), rtol=0, atol=2e-6)
+
+
+def _assert_same_early_exit(model, folder, x, thresholds):
+    result = OnnxEarlyExit(folder, threads=1)(x.numpy(), thresholds)
+    reference = dynzoo.early_exit(model, x, thresholds)
+    assert result.exits.tolist() == reference.exits.tolist()
+    assert result.predictions.tolist() == reference.predictions.tolist()
+    assert result.samples_per_stage == reference.samples_per_stage
+    assert result.macs == reference.flops
+    return result
+
+
+def test_onnx_early_exit_equals_pytorch_msdnet(msdnet_onnx):
+    model, folder, _ = msdnet_onnx
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        thresholds = _thresholds_between_confidences(model(x), 0.5)
+    result = _assert_same_early_exit(model, folder, x, thresholds)
+    assert result.samples_per_stage[0] == 64 > result.samples_per_stage[1] > result.samples_per_stage[2] > 0
+
+
+def test_onnx_early_exit_equals_pytorch_scan(scan_onnx):
+    model, folder, manifest = scan_onnx
+    assert [len(s['inputs']) for s in manifest['stages']] == [1] * 4  # a ResNet's state is one tensor
+    x = _cifar_sample(model, 48)
+    with torch.no_grad():
+        thresholds = _thresholds_between_confidences(model(x), 0.4)
+    result = _assert_same_early_exit(model, folder, x, thresholds)
+    assert set(result.exits.tolist()) == {0, 1, 2, 3}
+    assert (result.predictions == load_sample()[1][:48]).mean() > 0.7  # trained weights on real images
+
+
+def test_last_exit_takes_every_remaining_sample(msdnet_onnx):
+    model, folder, _ = msdnet_onnx
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    nobody = _assert_same_early_exit(model, folder, x, [1e8, 1e8, 1e8])  # the last exit's threshold is ignored
+    assert nobody.exits.tolist() == [2] * 6 and nobody.samples_per_stage == [6, 6, 6]
+    everybody = _assert_same_early_exit(model, folder, x, [0.0, 0.0])
+    assert everybody.exits.tolist() == [0] * 6 and everybody.samples_per_stage == [6]
+    default = OnnxEarlyExit(folder, threads=1)(x.numpy())  # the manifest's thresholds
+    assert default.exits.tolist() == dynzoo.early_exit(model, x, [0.5, 0.6]).exits.tolist()
+
+
+def test_exit_rule_matches_dynzoo_inference():
+    generator = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(200, 10, generator=generator)
+    for threshold in (0.2, 0.4, 0.6):
+        passed, prediction = max_softmax_exit(logits.numpy(), threshold)
+        reference = simulate_early_exit([logits, logits], [threshold])
+        assert passed.tolist() == (reference.exits == 0).tolist()
+        assert prediction.tolist() == reference.predictions.tolist()
+    tie = torch.zeros(2, 2)  # softmax exactly 0.5: MSDNet's rule exits at >=
+    assert max_softmax_exit(tie.numpy(), 0.5)[0].tolist() == [True, True]
+    assert (simulate_early_exit([tie, tie], [0.5]).exits == 0).all()
+    assert max_softmax_exit(tie.numpy(), np.nextafter(np.float32(0.5), 1))[0].tolist() == [False, False]
+
+
+def test_runner_refuses_wrong_input_and_thresholds(msdnet_onnx):
+    _, folder, _ = msdnet_onnx
+    runner = OnnxEarlyExit(folder, threads=1)
+    with pytest.raises(ValueError, match=r'take batches of shape \(N, 3, 32, 32\), got \(2, 3, 28, 28\)'):
+        runner(np.zeros((2, 3, 28, 28), np.float32))
+    with pytest.raises(ValueError, match='expected 3 thresholds'):
+        runner(np.zeros((2, 3, 32, 32), np.float32), [0.5])
+
+
+def test_cli_writes_pt2_stages_that_chain_to_the_models_outputs(tmp_path, capsys):
+    kwargs = [f'{k}={v}' for k, v in TINY_MSDNET.items()]
+    torch.manual_seed(0)
+    assert main(['export', 'msdnet_cifar_b7', '--format', 'pt2', '--out', str(tmp_path), '--thresholds', '0.5',
+                 '0.6', '--model-kwargs', *kwargs]) == 0
+    assert 'stage_0.pt2, stage_1.pt2, stage_2.pt2, manifest.json' in capsys.readouterr().out
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest['format'] == 'pt2' and manifest['thresholds'] == [0.5, 0.6]
+    model = _tiny_msdnet()  # the same weights: same seed
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    state = [x]
+    for k, stage in enumerate(manifest['stages']):
+        outputs = torch.export.load(str(tmp_path / stage['file'])).module()(*state)
+        state, logits = outputs[:-1], outputs[-1]
+        torch.testing.assert_close(logits, expected[k], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match='holds pt2 stages; OnnxEarlyExit runs ONNX ones'):
+        OnnxEarlyExit(tmp_path)
