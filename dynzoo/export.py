@@ -54,6 +54,21 @@ class _Stage(nn.Module):
         return (*flatten_tensors(state), self.model.forward_head(self.k, state))
 
 
+class _Cascade(nn.Module):
+    """Every stage and head of ``model`` in one graph: returns stage 0's state tensors and logits, then stage 1's..."""
+
+    def __init__(self, model: MultiExitNetwork):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        state, outputs = x, []
+        for k in range(self.model.num_exits):
+            state = self.model.forward_stage(k, state)
+            outputs += [*flatten_tensors(state), self.model.forward_head(k, state)]
+        return tuple(outputs)
+
+
 def _structure(state):
     """The nesting of a stage state: None for a tensor, else ``(list or tuple, [children])``."""
     if isinstance(state, torch.Tensor):
@@ -89,6 +104,32 @@ def _prepare_folder(folder: Path, force: bool) -> None:
         if path.name == MANIFEST or re.fullmatch(r'stage_\d+\.(onnx|onnx\.data|pt2)', path.name):
             path.unlink()
     folder.mkdir(parents=True, exist_ok=True)
+
+
+def _save_pt2(model: MultiExitNetwork, examples: List, paths: List[Path]) -> None:
+    batch = torch.export.Dim('batch')
+    for k, path in enumerate(paths):
+        tensors = tuple(flatten_tensors(examples[k]))
+        stage = _Stage(model, k, _structure(examples[k])).eval()
+        program = torch.export.export(stage, tensors, dynamic_shapes=(tuple({0: batch} for _ in tensors),))
+        torch.export.save(program, str(path))
+
+
+def _save_onnx(model: MultiExitNetwork, x: torch.Tensor, inputs: List[List[str]], outputs: List[List[str]],
+               paths: List[Path], opset_version: Optional[int]) -> None:
+    """Export the whole cascade once (tracing one stage costs about as much as tracing all of them), then cut out
+    each stage's graph between its named inputs and outputs."""
+    import onnx
+    from onnx.utils import Extractor
+
+    program = torch.export.export(_Cascade(model).eval(), (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))
+    whole = torch.onnx.export(program, dynamo=True, input_names=['x'], output_names=sum(outputs, []),
+                              opset_version=opset_version, verbose=False).model_proto
+    extractor = Extractor(whole)
+    for names_in, names_out, path in zip(inputs, outputs, paths):
+        stage = extractor.extract_model(names_in, names_out)
+        onnx.checker.check_model(stage)  # fails if the stage needed a tensor other than its inputs
+        onnx.save(stage, str(path))
 
 
 def export_stages(model: MultiExitNetwork, folder: Union[str, Path], format: str = 'onnx',
@@ -130,26 +171,23 @@ def export_stages(model: MultiExitNetwork, folder: Union[str, Path], format: str
     count = getattr(flops, 'per_exit_macs', None) or flops.per_exit_flops
     macs = count(model, input_size=input_size, scope='cascade')
 
-    batch = torch.export.Dim('batch')
-    state, names, stages = x, ['x'], []
-    for k in range(num_exits):
-        stage = _Stage(model, k, _structure(state)).eval()
-        inputs = tuple(flatten_tensors(state))
-        program = torch.export.export(stage, inputs, dynamic_shapes=(tuple({0: batch} for _ in inputs),))
-        with torch.no_grad():
-            state = model.forward_stage(k, state)
-        # Plain tensors as the next stage's example inputs (an optimised MSDNet's maps are views of larger buffers).
-        state = _unflatten(_structure(state), iter([t.clone() for t in flatten_tensors(state)]))
-        outputs = [f'state_{k}.{i}' for i in range(len(flatten_tensors(state)))] + [f'logits_{k}']
-        file = f'stage_{k}.{format}'
-        if format == 'pt2':
-            torch.export.save(program, str(folder / file))
-        else:
-            onnx_program = torch.onnx.export(program, dynamo=True, input_names=names, output_names=outputs,
-                                             opset_version=opset_version, verbose=False)
-            onnx_program.save(str(folder / file))
-        stages.append(dict(exit=k, file=file, inputs=names, outputs=outputs, macs=int(macs[k])))
-        names = outputs[:-1]
+    # Each stage's example input state (plain tensors: an optimised MSDNet's maps are views of larger buffers) and
+    # the names of its input and output tensors.
+    examples, outputs = [x], []
+    with torch.no_grad():
+        for k in range(num_exits):
+            state = model.forward_stage(k, examples[-1])
+            tensors = [t.clone() for t in flatten_tensors(state)]
+            examples.append(_unflatten(_structure(state), iter(tensors)))
+            outputs.append([f'state_{k}.{i}' for i in range(len(tensors))] + [f'logits_{k}'])
+    inputs = [['x']] + [names[:-1] for names in outputs[:-1]]
+    files = [f'stage_{k}.{format}' for k in range(num_exits)]
+    if format == 'pt2':
+        _save_pt2(model, examples, [folder / f for f in files])
+    else:
+        _save_onnx(model, x, inputs, outputs, [folder / f for f in files], opset_version)
+    stages = [dict(exit=k, file=files[k], inputs=inputs[k], outputs=outputs[k], macs=int(macs[k]))
+              for k in range(num_exits)]
 
     tag = cfg.get('tag')
     manifest = dict(

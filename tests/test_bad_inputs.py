@@ -5,7 +5,9 @@ must contain), or ``Case(id, call, check=...)`` for a call that must succeed (``
 Rows are grouped by area; a new case costs one row.
 """
 import argparse
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Type
 
 import pytest
@@ -32,7 +34,51 @@ CASES += [
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints, pretrained weights and export folders
 # ---------------------------------------------------------------------------------------------------------------------
+def _export(name, *, train=False, folder=None, format='pt2', **kwargs):
+    import dynzoo
+    from dynzoo.export import export_stages
+    model = dynzoo.create_model(name).train(train)
+    return export_stages(model, folder or tempfile.mkdtemp(), format=format, **kwargs)
+
+
+def _export_cli(*argv):
+    from dynzoo.cli import main
+    return main(['export', *argv])
+
+
+def _non_empty_folder() -> str:
+    folder = Path(tempfile.mkdtemp())
+    (folder / 'notes.txt').write_text('not an export')
+    return str(folder)
+
+
+def _onnx_runner(folder):
+    from dynzoo.export import OnnxEarlyExit
+    return OnnxEarlyExit(folder)
+
+
 CASES += [
+    Case('export a single-exit DenseNet-BC', lambda: _export('densenet_bc_100_k12'), ValueError,
+         r'multi-exit model .*DenseNet has one exit: export it whole'),
+    Case('export a single-exit SDPoint ResNet', lambda: _export('sdpoint_preresnet_cifar'), ValueError,
+         'SDPointResNet has one exit'),
+    Case('export a model in training mode', lambda: _export('msdnet_cifar_lin5', train=True), ValueError,
+         r'eval mode .*call model.eval\(\) first'),
+    Case('export at an input size MSDNet cannot take', lambda: _export('msdnet_cifar_lin5', input_size=(3, 64, 64)),
+         ValueError, r'cannot take 64x64 inputs.*sides 17\.\.48 work'),
+    Case('export at an input size SCAN cannot take', lambda: _export('scan_resnet18', input_size=(3, 40, 40)),
+         ValueError, 'cannot take 40x40 inputs.*needs 32x32'),
+    Case('export with thresholds for another model', lambda: _export('msdnet_cifar_lin5', thresholds=[0.9] * 2),
+         ValueError, 'expected 5 thresholds'),
+    Case('export in an unknown format', lambda: _export('msdnet_cifar_lin5', format='tflite'), ValueError,
+         r"format must be one of \('onnx', 'pt2'\)"),
+    Case('export into a non-empty folder', lambda: _export('msdnet_cifar_lin5', folder=_non_empty_folder()),
+         FileExistsError, r'is not empty: .*pass force=True'),
+    Case('dynzoo export into a non-empty folder', lambda: _export_cli('msdnet_cifar_lin5', '--format', 'pt2', '--out',
+                                                                        _non_empty_folder()),
+         FileExistsError, '--force on the command line'),
+    Case('OnnxEarlyExit on a folder without a manifest', lambda: _onnx_runner(tempfile.mkdtemp()), FileNotFoundError,
+         'holds no manifest.json: write one with'),
 ]
 
 
