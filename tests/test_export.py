@@ -22,9 +22,8 @@ def _onnx():
         pytest.importorskip(module, reason=f'{module} is missing: the ONNX tests need pip install "dynzoo[export]"')
 
 
-def _tiny_msdnet(seed: int = 0):
-    torch.manual_seed(seed)
-    return dynzoo.create_model('msdnet_cifar_b7', **TINY_MSDNET).eval()
+def _random_batch(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def _cifar_sample(model, n: int) -> torch.Tensor:
@@ -51,9 +50,12 @@ def _thresholds_between_confidences(logits, quantile: float):
 @pytest.fixture(scope='module')
 def msdnet_onnx(tmp_path_factory):
     _onnx()
-    model, folder = _tiny_msdnet(), tmp_path_factory.mktemp('msdnet_onnx')
-    manifest = export_stages(model, folder, thresholds=[0.5, 0.6])
-    return model, folder, manifest
+    torch.manual_seed(0)
+    model = dynzoo.create_model('msdnet_cifar_b7', **TINY_MSDNET).eval()
+    folder = tmp_path_factory.mktemp('msdnet_onnx')
+    with torch.no_grad():
+        thresholds = _thresholds_between_confidences(model(_random_batch(64)), 0.5)
+    return model, folder, export_stages(model, folder, thresholds=thresholds)
 
 
 @pytest.fixture(scope='module')
@@ -77,13 +79,13 @@ def test_manifest_chains_the_stages(msdnet_onnx):
     assert [s['outputs'][-1] for s in stages] == ['logits_0', 'logits_1', 'logits_2']
     assert manifest['macs'] == [s['macs'] for s in stages] == dynzoo.per_exit_flops(model)
     assert manifest['input_size'] == [3, 32, 32] and manifest['num_exits'] == 3 and manifest['num_classes'] == 10
-    assert manifest['mean'] == list(model.pretrained_cfg['mean']) and manifest['thresholds'] == [0.5, 0.6]
+    assert manifest['mean'] == list(model.pretrained_cfg['mean']) and len(manifest['thresholds']) == 2
 
 
 @pytest.mark.parametrize('batch', [1, 5])
 def test_onnx_stages_reproduce_every_exit(msdnet_onnx, batch):
     model, folder, _ = msdnet_onnx
-    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))  # traced at batch 2
+    x = _random_batch(batch, seed=batch)  # traced at batch 2
     with torch.no_grad():
         expected = model(x)
     outputs = OnnxEarlyExit(folder, threads=1).all_exits(x.numpy())
@@ -93,9 +95,12 @@ def test_onnx_stages_reproduce_every_exit(msdnet_onnx, batch):
         np.testing.assert_allclose(output, reference.numpy(), rtol=0, atol=2e-6)
 
 
-def _assert_same_early_exit(model, folder, x, thresholds):
+def _assert_same_early_exit(exported, x, thresholds=None):
+    """The runner's early exit (with the manifest's thresholds unless given) against ``dynzoo.early_exit``."""
+    model, folder, manifest = exported
     result = OnnxEarlyExit(folder, threads=1)(x.numpy(), thresholds)
-    reference = dynzoo.early_exit(model, x, thresholds, flops=dynzoo.per_exit_flops(model))
+    thresholds = manifest['thresholds'] if thresholds is None else thresholds
+    reference = dynzoo.early_exit(model, x, thresholds, flops=manifest['macs'])
     assert result.exits.tolist() == reference.exits.tolist()
     assert result.predictions.tolist() == reference.predictions.tolist()
     assert result.samples_per_stage == reference.samples_per_stage
@@ -104,34 +109,27 @@ def _assert_same_early_exit(model, folder, x, thresholds):
 
 
 def test_onnx_early_exit_equals_pytorch_msdnet(msdnet_onnx):
-    model, folder, _ = msdnet_onnx
-    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        thresholds = _thresholds_between_confidences(model(x), 0.5)
-    result = _assert_same_early_exit(model, folder, x, thresholds)
+    result = _assert_same_early_exit(msdnet_onnx, _random_batch(64))  # the batch the thresholds were set on
     assert result.samples_per_stage[0] == 64 > result.samples_per_stage[1] > result.samples_per_stage[2] > 0
 
 
 def test_onnx_early_exit_equals_pytorch_scan(scan_onnx):
-    model, folder, manifest = scan_onnx
+    model, _, manifest = scan_onnx
     assert [len(s['inputs']) for s in manifest['stages']] == [1] * 4  # a ResNet's state is one tensor
     x = _cifar_sample(model, 48)
     with torch.no_grad():
         thresholds = _thresholds_between_confidences(model(x), 0.4)
-    result = _assert_same_early_exit(model, folder, x, thresholds)
+    result = _assert_same_early_exit(scan_onnx, x, thresholds)
     assert set(result.exits.tolist()) == {0, 1, 2, 3}
     assert (result.predictions == load_sample()[1][:48]).mean() > 0.7  # trained weights on real images
 
 
 def test_last_exit_takes_every_remaining_sample(msdnet_onnx):
-    model, folder, _ = msdnet_onnx
-    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    nobody = _assert_same_early_exit(model, folder, x, [1e8, 1e8, 1e8])  # the last exit's threshold is ignored
+    x = _random_batch(6, seed=1)
+    nobody = _assert_same_early_exit(msdnet_onnx, x, [1e8, 1e8, 1e8])  # the last exit's threshold is ignored
     assert nobody.exits.tolist() == [2] * 6 and nobody.samples_per_stage == [6, 6, 6]
-    everybody = _assert_same_early_exit(model, folder, x, [0.0, 0.0])
+    everybody = _assert_same_early_exit(msdnet_onnx, x, [0.0, 0.0])
     assert everybody.exits.tolist() == [0] * 6 and everybody.samples_per_stage == [6]
-    default = OnnxEarlyExit(folder, threads=1)(x.numpy())  # the manifest's thresholds
-    assert default.exits.tolist() == dynzoo.early_exit(model, x, [0.5, 0.6], flops=[0, 0, 0]).exits.tolist()
 
 
 def test_exit_rule_matches_dynzoo_inference():
@@ -158,15 +156,20 @@ def test_runner_refuses_wrong_input_and_thresholds(msdnet_onnx):
 
 
 def test_cli_writes_pt2_stages_that_chain_to_the_models_outputs(tmp_path, capsys):
-    kwargs = [f'{k}={v}' for k, v in TINY_MSDNET.items()]
+    (tmp_path / 'stage_5.onnx').write_text('an earlier, deeper export')
+    (tmp_path / 'notes.txt').write_text('not an export')
+    kwargs = [f'{k}={v}' for k, v in dict(TINY_MSDNET, n_blocks=2).items()]
     torch.manual_seed(0)
     assert main(['export', 'msdnet_cifar_b7', '--format', 'pt2', '--out', str(tmp_path), '--thresholds', '0.5',
-                 '0.6', '--model-kwargs', *kwargs]) == 0
-    assert 'stage_0.pt2, stage_1.pt2, stage_2.pt2, manifest.json' in capsys.readouterr().out
+                 '--force', '--model-kwargs', *kwargs]) == 0
+    assert 'stage_0.pt2, stage_1.pt2, manifest.json' in capsys.readouterr().out
+    # --force replaced the earlier export's files and left the others alone.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['manifest.json', 'notes.txt', 'stage_0.pt2', 'stage_1.pt2']
     manifest = json.loads((tmp_path / MANIFEST).read_text())
-    assert manifest['format'] == 'pt2' and manifest['thresholds'] == [0.5, 0.6]
-    model = _tiny_msdnet()  # the same weights: same seed
-    x = torch.randn(3, 3, 32, 32)
+    assert manifest['format'] == 'pt2' and manifest['thresholds'] == [0.5]
+    torch.manual_seed(0)
+    model = dynzoo.create_model('msdnet_cifar_b7', **dict(TINY_MSDNET, n_blocks=2)).eval()  # the same weights
+    x = _random_batch(3)
     with torch.no_grad():
         expected = model(x)
     state = [x]
