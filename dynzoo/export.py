@@ -7,9 +7,9 @@ logits, with a dynamic batch dimension: ``stage_k.onnx`` (``torch.export``, then
 the input size, the normalisation, the cascade multiply-adds of every exit and the thresholds, when given.
 
 ``OnnxEarlyExit(folder)`` runs the ONNX stages with ONNX Runtime and does real batch early exit, as
-``dynzoo.early_exit`` does in PyTorch: later stages run only on the samples still inside. Neither the exported
-graphs nor the runner need PyTorch. ONNX needs the ``export`` extra (``pip install dynzoo[export]``: onnx,
-onnxscript, onnxruntime).
+``dynzoo.early_exit`` does in PyTorch: later stages run only on the samples still inside. The graphs need only an
+ONNX runtime, the runner numpy and onnxruntime. ONNX needs the ``export`` extra (``pip install dynzoo[export]``:
+onnx, onnxscript, onnxruntime).
 """
 import argparse
 import importlib.util
@@ -234,8 +234,9 @@ class OnnxEarlyExit:
     ``runner(x)`` (``x``: a float32 numpy batch, normalised as the manifest's mean/std say) runs stage 0 on the whole
     batch, lets every sample whose exit fires leave (``max_softmax_exit``; the last exit takes every remaining
     sample) and runs each later stage only on the samples still inside: the same predictions and exits as
-    ``dynzoo.early_exit(model, x, thresholds)``. ``thresholds`` default to the manifest's. ``threads`` sets ONNX
-    Runtime's intra-op threads (default: its own choice).
+    ``dynzoo.early_exit(model, x, thresholds)``, except that a sample whose confidence lies within float rounding of
+    a threshold may leave one exit apart (ONNX Runtime's kernels round differently from PyTorch's). ``thresholds``
+    default to the manifest's. ``threads`` sets ONNX Runtime's intra-op threads (default: its own choice).
     """
 
     def __init__(self, folder: Union[str, Path], thresholds: Optional[Sequence[float]] = None,
