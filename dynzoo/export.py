@@ -106,29 +106,36 @@ def _prepare_folder(folder: Path, force: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def _save_pt2(model: MultiExitNetwork, examples: List, paths: List[Path]) -> None:
+def _export_stage(model: MultiExitNetwork, k: int, example) -> torch.export.ExportedProgram:
+    """``torch.export`` of stage k and head k alone, on the flat tensors of its example input state."""
+    tensors = tuple(flatten_tensors(example))
+    stage = _Stage(model, k, _structure(example)).eval()
     batch = torch.export.Dim('batch')
-    for k, path in enumerate(paths):
-        tensors = tuple(flatten_tensors(examples[k]))
-        stage = _Stage(model, k, _structure(examples[k])).eval()
-        program = torch.export.export(stage, tensors, dynamic_shapes=(tuple({0: batch} for _ in tensors),))
-        torch.export.save(program, str(path))
+    return torch.export.export(stage, tensors, dynamic_shapes=(tuple({0: batch} for _ in tensors),))
 
 
-def _save_onnx(model: MultiExitNetwork, x: torch.Tensor, inputs: List[List[str]], outputs: List[List[str]],
+def _save_onnx(model: MultiExitNetwork, examples: List, inputs: List[List[str]], outputs: List[List[str]],
                paths: List[Path], opset_version: Optional[int]) -> None:
     """Export the whole cascade once (tracing one stage costs about as much as tracing all of them), then cut out
-    each stage's graph between its named inputs and outputs."""
+    each stage's graph between its named inputs and outputs. A stage that needs a value an earlier stage computed
+    and does not pass on (an optimised MSDNet reads the batch size off the image's shape) is traced alone."""
     import onnx
     from onnx.utils import Extractor
 
-    program = torch.export.export(_Cascade(model).eval(), (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))
-    whole = torch.onnx.export(program, dynamo=True, input_names=['x'], output_names=sum(outputs, []),
-                              opset_version=opset_version, verbose=False).model_proto
-    extractor = Extractor(whole)
-    for names_in, names_out, path in zip(inputs, outputs, paths):
-        stage = extractor.extract_model(names_in, names_out)
-        onnx.checker.check_model(stage)  # fails if the stage needed a tensor other than its inputs
+    def to_onnx(program, input_names, output_names):
+        return torch.onnx.export(program, dynamo=True, input_names=input_names, output_names=output_names,
+                                 opset_version=opset_version, verbose=False).model_proto
+
+    program = torch.export.export(_Cascade(model).eval(), (examples[0],),
+                                  dynamic_shapes=({0: torch.export.Dim('batch')},))
+    extractor = Extractor(to_onnx(program, ['x'], sum(outputs, [])))
+    for k, path in enumerate(paths):
+        stage = extractor.extract_model(inputs[k], outputs[k])
+        try:
+            onnx.checker.check_model(stage)
+        except onnx.checker.ValidationError:
+            stage = to_onnx(_export_stage(model, k, examples[k]), inputs[k], outputs[k])
+            onnx.checker.check_model(stage)
         onnx.save(stage, str(path))
 
 
@@ -183,9 +190,10 @@ def export_stages(model: MultiExitNetwork, folder: Union[str, Path], format: str
     inputs = [['x']] + [names[:-1] for names in outputs[:-1]]
     files = [f'stage_{k}.{format}' for k in range(num_exits)]
     if format == 'pt2':
-        _save_pt2(model, examples, [folder / f for f in files])
+        for k, file in enumerate(files):
+            torch.export.save(_export_stage(model, k, examples[k]), str(folder / file))
     else:
-        _save_onnx(model, x, inputs, outputs, [folder / f for f in files], opset_version)
+        _save_onnx(model, examples, inputs, outputs, [folder / f for f in files], opset_version)
     stages = [dict(exit=k, file=files[k], inputs=inputs[k], outputs=outputs[k], macs=int(macs[k]))
               for k in range(num_exits)]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dynzoo
-from dynzoo.cli import main
+from dynzoo.cli import build_parser, main
 from dynzoo.data import load_sample
 from dynzoo.export import MANIFEST, OnnxEarlyExit, export_stages, max_softmax_exit
 from dynzoo.inference import simulate_early_exit
@@ -179,3 +179,25 @@ def test_cli_writes_pt2_stages_that_chain_to_the_models_outputs(tmp_path, capsys
         torch.testing.assert_close(logits, expected[k], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match='holds pt2 stages; OnnxEarlyExit runs ONNX ones'):
         OnnxEarlyExit(tmp_path)
+
+
+def test_cli_help_names_the_formats(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(['export', '--help'])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert 'usage: dynzoo export' in out and '{onnx,pt2}' in out and '--force' in out
+
+
+def test_optimized_msdnet_exports_stage_by_stage_where_the_cascade_cannot_be_cut(tmp_path):
+    # optimize_for_inference's 1x1 convs read the batch size off the image's shape, which stage 1 does not receive:
+    # that stage is traced alone.
+    _onnx()
+    torch.manual_seed(0)
+    model = dynzoo.create_model('msdnet_cifar_b7', **dict(TINY_MSDNET, n_blocks=2)).eval()
+    export_stages(dynzoo.optimize_for_inference(model), tmp_path)
+    x = _random_batch(4)
+    with torch.no_grad():
+        expected = model(x)
+    for output, reference in zip(OnnxEarlyExit(tmp_path, threads=1).all_exits(x.numpy()), expected):
+        np.testing.assert_allclose(output, reference.numpy(), rtol=0, atol=2e-6)
