@@ -5,9 +5,7 @@ must contain), or ``Case(id, call, check=...)`` for a call that must succeed (``
 Rows are grouped by area; a new case costs one row.
 """
 import argparse
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional, Type
 
 import pytest
@@ -34,29 +32,6 @@ CASES += [
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints, pretrained weights and export folders
 # ---------------------------------------------------------------------------------------------------------------------
-def _export(name, *, train=False, folder=None, format='pt2', **kwargs):
-    import dynzoo
-    from dynzoo.export import export_stages
-    model = dynzoo.create_model(name).train(train)
-    return export_stages(model, folder or tempfile.mkdtemp(), format=format, **kwargs)
-
-
-def _export_cli(*argv):
-    from dynzoo.cli import main
-    return main(['export', *argv])
-
-
-def _non_empty_folder() -> str:
-    folder = Path(tempfile.mkdtemp())
-    (folder / 'notes.txt').write_text('not an export')
-    return str(folder)
-
-
-def _onnx_runner(folder):
-    from dynzoo.export import OnnxEarlyExit
-    return OnnxEarlyExit(folder)
-
-
 CASES += [
     Case('export a single-exit DenseNet-BC', lambda: _export('densenet_bc_100_k12'), ValueError,
          r'multi-exit model .*DenseNet has one exit: export it whole'),
@@ -72,14 +47,48 @@ CASES += [
          ValueError, 'expected 5 thresholds'),
     Case('export in an unknown format', lambda: _export('msdnet_cifar_lin5', format='tflite'), ValueError,
          r"format must be one of \('onnx', 'pt2'\)"),
-    Case('export into a non-empty folder', lambda: _export('msdnet_cifar_lin5', folder=_non_empty_folder()),
+    Case('export into a non-empty folder', lambda: _export('msdnet_cifar_lin5', folder=_export_dir_with_a_file()),
          FileExistsError, r'is not empty: .*pass force=True'),
     Case('dynzoo export into a non-empty folder', lambda: _export_cli('msdnet_cifar_lin5', '--format', 'pt2', '--out',
-                                                                        _non_empty_folder()),
+                                                                        _export_dir_with_a_file()),
          FileExistsError, '--force on the command line'),
-    Case('OnnxEarlyExit on a folder without a manifest', lambda: _onnx_runner(tempfile.mkdtemp()), FileNotFoundError,
+    Case('OnnxEarlyExit on a folder without a manifest', lambda: _export_runner(_export_dir()), FileNotFoundError,
          'holds no manifest.json: write one with'),
 ]
+
+
+# The export rows' imports and helpers, kept here so that the sections merge cleanly (rows call them when they run).
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_EXPORT_TMP = tempfile.TemporaryDirectory(prefix='dynzoo-export-cases-')  # removed when the tests end
+
+
+def _export_dir() -> str:
+    return tempfile.mkdtemp(dir=_EXPORT_TMP.name)
+
+
+def _export(name, *, train=False, folder=None, format='pt2', **kwargs):
+    import dynzoo
+    from dynzoo.export import export_stages
+    model = dynzoo.create_model(name).train(train)
+    return export_stages(model, folder or _export_dir(), format=format, **kwargs)
+
+
+def _export_cli(*argv):
+    from dynzoo.cli import main
+    return main(['export', *argv])
+
+
+def _export_dir_with_a_file() -> str:
+    folder = Path(_export_dir())
+    (folder / 'notes.txt').write_text('not an export')
+    return str(folder)
+
+
+def _export_runner(folder):
+    from dynzoo.export import OnnxEarlyExit
+    return OnnxEarlyExit(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
