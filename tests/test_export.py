@@ -114,6 +114,19 @@ def test_onnx_early_exit_equals_pytorch_msdnet(msdnet_onnx):
     assert result.samples_per_stage[0] == 64 > result.samples_per_stage[1] > result.samples_per_stage[2] > 0
 
 
+def test_later_stages_run_on_the_samples_still_inside_only(msdnet_onnx):
+    _, folder, _ = msdnet_onnx
+    runner, batches = OnnxEarlyExit(folder, threads=1), []
+    for session in runner.sessions:
+        def run(outputs, feeds, run=session.run):
+            batches.append({name: len(t) for name, t in feeds.items()})
+            return run(outputs, feeds)
+        session.run = run
+    result = runner(_random_batch(64).numpy())
+    assert [set(sizes.values()) for sizes in batches] == [{n} for n in result.samples_per_stage]
+    assert len(batches) == 3 and batches[0] == {'x': 64} and len(batches[1]) == 3 and 0 < batches[1]['state_0.0'] < 64
+
+
 def test_onnx_early_exit_equals_pytorch_scan(scan_onnx):
     model, _, manifest = scan_onnx
     assert [len(s['inputs']) for s in manifest['stages']] == [1] * 4  # a ResNet's state is one tensor
