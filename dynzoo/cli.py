@@ -1,4 +1,4 @@
-"""The ``dynzoo`` command: ``dynzoo bench | eval | train | convert | weights``. Its process keeps freed memory for reuse
+"""The ``dynzoo`` command: ``dynzoo bench | eval | train | convert | weights | export``. Its process keeps freed memory for reuse
 (``dynzoo.inference.retain_freed_memory``): no page faults on every batch's feature maps. A user error (``USER_ERRORS``)
 prints one ``dynzoo: error: ...`` line and exits with status 2, as argparse does for a bad option; ``--debug`` shows its
 traceback."""
@@ -20,6 +20,8 @@ COMMANDS = {
                 "turn an authors' checkpoint into a Hub-ready folder (safetensors)"),
     'weights': ('dynzoo.pretrained', 'add_weights_args', 'run_weights',
                 'every pretrained tag: source, accuracy, size, whether it is cached here'),
+    'export': ('dynzoo.export', 'add_export_args', 'run_export',
+               'write each stage of a multi-exit model as its own ONNX or torch.export graph, for early exit'),
 }
 
 

@@ -211,7 +211,62 @@ CASES += [
          raises=TypeError, match=r'model_name must be a string.*got NoneType None'),
     Case('kill -9 during export leaves no temporary file in the export folder', _export_killed_while_writing,
          check=_only_final_files),
+    Case('export a single-exit DenseNet-BC', lambda: _export('densenet_bc_100_k12'), ValueError,
+         r'multi-exit model .*DenseNet has one exit: export it whole'),
+    Case('export a single-exit SDPoint ResNet', lambda: _export('sdpoint_preresnet_cifar'), ValueError,
+         'SDPointResNet has one exit'),
+    Case('export a model in training mode', lambda: _export('msdnet_cifar_lin5', train=True), ValueError,
+         r'eval mode .*call model.eval\(\) first'),
+    Case('export at an input size MSDNet cannot take', lambda: _export('msdnet_cifar_lin5', input_size=(3, 64, 64)),
+         ValueError, r'cannot take 64x64 inputs.*sides 17\.\.48 work'),
+    Case('export at an input size SCAN cannot take', lambda: _export('scan_resnet18', input_size=(3, 40, 40)),
+         ValueError, 'cannot take 40x40 inputs.*needs 32x32'),
+    Case('export with thresholds for another model', lambda: _export('msdnet_cifar_lin5', thresholds=[0.9] * 2),
+         ValueError, 'expected 5 thresholds'),
+    Case('export in an unknown format', lambda: _export('msdnet_cifar_lin5', format='tflite'), ValueError,
+         r"format must be one of \('onnx', 'pt2'\)"),
+    Case('export into a non-empty folder', lambda: _export('msdnet_cifar_lin5', folder=_export_dir_with_a_file()),
+         FileExistsError, r'is not empty: .*pass force=True'),
+    Case('dynzoo export into a non-empty folder', lambda: _export_cli('msdnet_cifar_lin5', '--format', 'pt2', '--out',
+                                                                        _export_dir_with_a_file()),
+         FileExistsError, '--force on the command line'),
+    Case('OnnxEarlyExit on a folder without a manifest', lambda: _export_runner(_export_dir()), FileNotFoundError,
+         'holds no manifest.json: write one with'),
 ]
+
+
+# The export rows' imports and helpers, kept here so that the sections merge cleanly (rows call them when they run).
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_EXPORT_TMP = tempfile.TemporaryDirectory(prefix='dynzoo-export-cases-')  # removed when the tests end
+
+
+def _export_dir() -> str:
+    return tempfile.mkdtemp(dir=_EXPORT_TMP.name)
+
+
+def _export(name, *, train=False, folder=None, format='pt2', **kwargs):
+    import dynzoo
+    from dynzoo.export import export_stages
+    model = dynzoo.create_model(name).train(train)
+    return export_stages(model, folder or _export_dir(), format=format, **kwargs)
+
+
+def _export_cli(*argv):
+    from dynzoo.cli import main
+    return main(['export', *argv])
+
+
+def _export_dir_with_a_file() -> str:
+    folder = Path(_export_dir())
+    (folder / 'notes.txt').write_text('not an export')
+    return str(folder)
+
+
+def _export_runner(folder):
+    from dynzoo.export import OnnxEarlyExit
+    return OnnxEarlyExit(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ def test_bench_prints_per_exit_table(capsys):
     assert '2,078,924' in out  # total parameters at the last exit (spec section 10)
 
 
-@pytest.mark.parametrize('command', ['bench', 'eval', 'train', 'convert', 'weights'])
+@pytest.mark.parametrize('command', ['bench', 'eval', 'train', 'convert', 'weights', 'export'])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, '--help'])
