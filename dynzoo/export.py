@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import flops
 from .cli import parse_key_values
 from .factory import create_model
+from .flops import per_exit_macs
 from .models._exits import MultiExitNetwork, flatten_tensors
 
 __all__ = ['FORMATS', 'MANIFEST', 'export_stages', 'max_softmax_exit', 'OnnxEarlyExit', 'OnnxEarlyExitResult']
@@ -175,8 +175,7 @@ def export_stages(model: MultiExitNetwork, folder: Union[str, Path], format: str
     model.check_input(x)
     folder = Path(folder)
     _prepare_folder(folder, force)
-    count = getattr(flops, 'per_exit_macs', None) or flops.per_exit_flops
-    macs = count(model, input_size=input_size, scope='cascade')
+    macs = per_exit_macs(model, input_size=input_size, scope='cascade')
 
     # Each stage's example input state (plain tensors: an optimised MSDNet's maps are views of larger buffers) and
     # the names of its input and output tensors.

@@ -77,7 +77,7 @@ def test_manifest_chains_the_stages(msdnet_onnx):
     # MSDNet's state is one map per scale; the tiny model's three layers keep three, two and one scales.
     assert [len(s['outputs']) - 1 for s in stages] == [3, 2, 1]
     assert [s['outputs'][-1] for s in stages] == ['logits_0', 'logits_1', 'logits_2']
-    per_exit_macs = getattr(dynzoo, 'per_exit_macs', None) or dynzoo.per_exit_flops
+    per_exit_macs = dynzoo.per_exit_macs
     assert manifest['macs'] == [s['macs'] for s in stages] == per_exit_macs(model)
     assert manifest['input_size'] == [3, 32, 32] and manifest['num_exits'] == 3 and manifest['num_classes'] == 10
     assert manifest['mean'] == list(model.pretrained_cfg['mean']) and len(manifest['thresholds']) == 2
@@ -101,11 +101,11 @@ def _assert_same_early_exit(exported, x, thresholds=None):
     model, folder, manifest = exported
     result = OnnxEarlyExit(folder, threads=1)(x.numpy(), thresholds)
     thresholds = manifest['thresholds'] if thresholds is None else thresholds
-    reference = dynzoo.early_exit(model, x, thresholds, flops=manifest['macs'])
+    reference = dynzoo.early_exit(model, x, thresholds, macs=manifest['macs'])
     assert result.exits.tolist() == reference.exits.tolist()
     assert result.predictions.tolist() == reference.predictions.tolist()
     assert result.samples_per_stage == reference.samples_per_stage
-    assert result.macs == reference.flops
+    assert result.macs == reference.macs
     return result
 
 
