@@ -258,7 +258,7 @@ def _export(name, *, train=False, folder=None, format='pt2', **kwargs):
 
 def _export_cli(*argv):
     from dynzoo.cli import main
-    return main(['export', *argv])
+    return main(['--debug', 'export', *argv])  # --debug: the error itself, not the one-line report
 
 
 def _export_dir_with_a_file() -> str:
