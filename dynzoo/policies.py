@@ -163,14 +163,16 @@ def fit_temperatures(logits, labels, max_iter: int = 100) -> List[float]:
 
 
 def fit_to_budget(logits, macs: Sequence[float], budget: float, policy: Optional[ExitPolicy] = None,
-                  q_range: Tuple[float, float] = (1e-3, 1e3), steps: int = 40) -> ExitPolicy:
+                  q_range: Tuple[float, float] = (1e-3, 1e3), points: int = 49, steps: int = 20) -> ExitPolicy:
     """``policy`` (default max probability) with thresholds whose expected cost on the held-out ``logits`` is at
-    most ``budget`` MACs per sample (``macs``: cascade per-exit costs).
+    most ``budget`` MACs per sample, and as close to it as the search finds (``macs``: cascade per-exit costs).
 
-    dynzoo's protocol: bisection on ``log q`` of MSDNet's geometric exit distribution (``policy.fit``) for the
-    largest q in ``q_range`` whose held-out expected MACs stay within the budget; cost grows with q but need not
-    strictly, so this is a feasible q near the budget, not a search for the best thresholds at that cost
-    (``genetic_threshold_search`` does that for max probability). A budget below the cheapest point refuses.
+    dynzoo's protocol, for any criterion: MSDNet's geometric exit distribution (``policy.fit``) at ``points``
+    log-spaced q in ``q_range``; the q whose held-out cost is the highest within the budget is refined by bisection
+    on ``log q`` towards the next grid q (``steps`` halvings). The cost need not grow with q (with patience it does
+    not: shares the first exits cannot take fall to the last), hence the grid. This matches a cost, it does not
+    search for the most accurate thresholds at that cost (``genetic_threshold_search`` does, for max probability).
+    A budget below every grid point's cost is refused.
     """
     logits = _as_logit_list(logits)
     macs = _check_macs(macs, len(logits))
@@ -182,21 +184,25 @@ def fit_to_budget(logits, macs: Sequence[float], budget: float, policy: Optional
         rule = policy.fit(logits, geometric_fractions(math.exp(log_q), len(logits)))
         return rule, simulate_early_exit(logits, rule, macs).mean_macs
 
-    low, high = math.log(q_range[0]), math.log(q_range[1])
-    best, cost = fitted(low)
-    if cost > budget:
+    grid = np.linspace(math.log(q_range[0]), math.log(q_range[1]), points)
+    fits = [fitted(log_q) for log_q in grid]
+    within = [i for i, (_, cost) in enumerate(fits) if cost <= budget]
+    if not within:
         raise ValueError(f'budget {budget:.4g} MACs is below the cheapest {policy.criterion} operating point on '
-                         f'these logits ({cost:.4g} MACs per sample)')
-    rule, cost = fitted(high)
-    if cost <= budget:
-        return rule
-    for _ in range(steps):
-        middle = (low + high) / 2
-        rule, cost = fitted(middle)
-        if cost <= budget:
-            best, low = rule, middle
-        else:
-            high = middle
+                         f'these logits ({min(cost for _, cost in fits):.4g} MACs per sample)')
+    i = max(within, key=lambda j: fits[j][1])
+    best, best_cost = fits[i]
+    if i + 1 < points and fits[i + 1][1] > budget:
+        low, high = grid[i], grid[i + 1]
+        for _ in range(steps):
+            middle = (low + high) / 2
+            rule, cost = fitted(middle)
+            if cost <= budget:
+                low = middle
+                if cost > best_cost:
+                    best, best_cost = rule, cost
+            else:
+                high = middle
     return best
 
 
