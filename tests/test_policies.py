@@ -11,7 +11,7 @@ from PIL import Image
 import dynzoo
 from dynzoo.data import load_sample
 from dynzoo.evaluate import add_eval_args, eval_transform, run_eval
-from dynzoo.inference import (ALWAYS, early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions,
+from dynzoo.inference import (ALWAYS, NEVER, early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions,
                               run_exit_rule, simulate_early_exit, _precomputed_exits)
 from dynzoo.policies import CRITERIA, ExitPolicy, expected_calibration_error, fit_temperatures, fit_to_budget
 
@@ -119,8 +119,9 @@ def small_msdnet():
 def test_max_probability_policy_early_exit_is_todays(small_msdnet):
     x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     thresholds = [0.11, 0.12, 0.13]
-    today, policy = early_exit(small_msdnet, x, thresholds), early_exit(small_msdnet, x, ExitPolicy('max_prob',
-                                                                                                    thresholds))
+    macs = [1, 2, 3, 4]
+    today = early_exit(small_msdnet, x, thresholds, macs)
+    policy = early_exit(small_msdnet, x, ExitPolicy('max_prob', thresholds), macs)
     assert torch.equal(today.predictions, policy.predictions) and torch.equal(today.exits, policy.exits)
     assert today.macs == policy.macs and len(set(today.exits.tolist())) > 1
 
@@ -216,6 +217,6 @@ def test_cli_policy_options():
               '--batch-size', '24']
     table, = run_eval(_parse(common + ['--mode', 'budget', '--policy', 'entropy', '--calibrate']))
     assert table.meta['policy'] == 'entropy' and len(table.meta['temperatures']) == 5
-    assert all(t <= 0 for row in table.rows for t in row['thresholds'])
+    assert all(t <= 0 or t == NEVER for row in table.rows for t in row['thresholds'])  # minus the entropy
     table, = run_eval(_parse(common + ['--mode', 'early-exit', '--policy', 'patience', '--q', '1']))
     assert table.rows[0]['exit_fractions'][0] == 0  # patience never leaves at the first exit
