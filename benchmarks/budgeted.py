@@ -5,8 +5,9 @@ MSDNet's geometric thresholds against dynzoo's genetic threshold search (``--com
 test images are computed once and cached in ``--out``; the test set is cut in two seeded halves (as ``dynzoo eval
 --heldout-from test``): temperatures and thresholds are fitted on one, accuracy and MACs measured on the other. Per
 criterion (max probability, entropy, margin, patience; the first three also after per-exit temperature scaling):
-the MSDNet geometric curve (q = p/20) and thresholds fitted to common MACs budgets (``fit_to_budget``), plus the
-expected calibration error of every exit before and after temperature scaling. Writes ``policies.json``,
+the MSDNet geometric curve (q = p/20) and thresholds fitted to common MACs budgets (``fit_to_budget``); for
+patience also PABEE's points (one patience at every exit); and the expected calibration error of every exit before
+and after temperature scaling. Writes ``policies.json``,
 ``policies.md`` and ``policies.png`` to ``--out``.
 
 ``--compare genetic``: for each geometric operating point q, thresholds are fitted on the held-out logits (MSDNet
@@ -145,6 +146,11 @@ def compare_model(name, args):
                 curve=[dict(q=r['q'], accuracy=r['accuracy'], expected_macs=r['expected_macs']) for r in curve],
                 at_budget=at_budget)
             print(f'{name}: {label} done', flush=True)
+    result['pabee'] = []  # PABEE's operating points: one patience p at every exit
+    for p in range(1, len(macs)):
+        measured = simulate_early_exit(test_logits, ExitPolicy('patience', [p] * (len(macs) - 1)), macs)
+        result['pabee'].append(dict(patience=p, accuracy=measured.accuracy(test_labels),
+                                    expected_macs=measured.mean_macs))
     return result
 
 
@@ -160,6 +166,9 @@ def markdown(results):
             cells = ['-' if p is None else f'{100 * p["accuracy"]:.2f} ({p["mean_macs"] / 1e6:.1f})'
                      for p in policy['at_budget']]
             lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+        lines += ['', 'Patience as PABEE sets it, one p at every exit (measuring half): ' + '; '.join(
+            f'p = {p["patience"]}: {100 * p["accuracy"]:.2f}% at {p["expected_macs"] / 1e6:.1f} MMACs'
+            for p in r['pabee']) + '.']
         exits = range(1, len(r['macs_cascade']) + 1)
         lines += ['', 'Expected calibration error (%, 15 bins, measuring half) per exit, before and after per-exit '
                   'temperature scaling:', '', '| exit | ' + ' | '.join(map(str, exits)) + ' |',
@@ -182,6 +191,9 @@ def plot(results, path):
             ax.plot([c['expected_macs'] / 1e6 for c in curve], [100 * c['accuracy'] for c in curve],
                     linestyle='--' if label.endswith('+ T') else '-', color=f'C{CRITERIA.index(label.split()[0])}',
                     marker='o', markersize=2, label=label)
+        ax.plot([p['expected_macs'] / 1e6 for p in r['pabee']], [100 * p['accuracy'] for p in r['pabee']],
+                linestyle=':', color=f'C{CRITERIA.index("patience")}', marker='s', markersize=3,
+                label='patience, one p (PABEE)')
         ax.set_title(f'{r["model"]}: budgeted batch by exit criterion', fontsize=9)
         ax.set_xlabel('expected MMACs (multiply-adds) per image')
         ax.set_ylabel('top-1 (%)')

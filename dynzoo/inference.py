@@ -151,6 +151,7 @@ class ExitRule:
     Another criterion subclasses this and overrides ``score`` (a per-sample confidence, higher leaves sooner: e.g.
     negative entropy, the top-2 margin, temperature-scaled logits) or ``decide`` (a rule that carries per-sample
     ``memory`` from exit to exit, e.g. patience); ``check`` validates its parameters for a model's exit count.
+    ``dynzoo.policies.ExitPolicy`` is the one dynzoo ships (entropy, margin, patience, per-exit temperatures).
     """
 
     min_threshold = -math.inf  # the lowest threshold the score admits: fitted ones are raised to it
