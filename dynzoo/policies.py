@@ -71,9 +71,6 @@ class ExitPolicy(ExitRule):
     def with_thresholds(self, thresholds: Sequence[float]) -> 'ExitPolicy':
         return ExitPolicy(self.criterion, thresholds, self.temperatures, self.fallback, self.strict)
 
-    def with_temperatures(self, temperatures: Optional[Sequence[float]]) -> 'ExitPolicy':
-        return ExitPolicy(self.criterion, self.thresholds, temperatures, self.fallback, self.strict)
-
     def check(self, num_exits: int) -> None:
         if not self.thresholds:
             raise ValueError(f'this {self.criterion} policy has no thresholds: pass thresholds= or fit them '

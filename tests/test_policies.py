@@ -220,3 +220,10 @@ def test_cli_policy_options():
     assert all(t <= 0 or t == NEVER for row in table.rows for t in row['thresholds'])  # minus the entropy
     table, = run_eval(_parse(common + ['--mode', 'early-exit', '--policy', 'patience', '--q', '1']))
     assert table.rows[0]['exit_fractions'][0] == 0  # patience never leaves at the first exit
+    table, = run_eval(_parse(common + ['--mode', 'early-exit', '--policy', 'margin', '--temperature', '1.5',
+                                       '--budget', '2e7', '4e7']))
+    assert table.meta['temperatures'] == [1.5] * 5 and [row['q'] for row in table.rows] == ['budget 2e+07',
+                                                                                            'budget 4e+07']
+    assert table.rows[0]['mean_macs'] < table.rows[1]['mean_macs']
+    with pytest.raises(ValueError, match='--calibrate fits temperatures on held-out images'):
+        run_eval(_parse(common + ['--mode', 'early-exit', '--calibrate', '--thresholds', '0.5', '0.5', '0.5', '0.5']))
