@@ -75,8 +75,7 @@ class ExitPolicy(ExitRule):
         if not self.thresholds:
             raise ValueError(f'this {self.criterion} policy has no thresholds: pass thresholds= or fit them '
                              '(policy.fit, dynzoo.policies.fit_to_budget)')
-        if self.temperatures is not None and len(self.temperatures) != num_exits:
-            raise ValueError(f'expected one temperature per exit ({num_exits}), got {len(self.temperatures)}')
+        self._check_temperatures(num_exits)
         if len(self.thresholds) not in (num_exits - 1, num_exits):
             raise ValueError(f'the {self.criterion} policy needs {num_exits} thresholds (or {num_exits - 1}: the '
                              f'last exit takes every remaining sample), got {len(self.thresholds)}')
@@ -88,6 +87,10 @@ class ExitPolicy(ExitRule):
         if self.criterion == 'patience' and not all(t >= 1 and float(t).is_integer() for t in applied):
             raise ValueError(f'patience thresholds are whole numbers >= 1 (consecutive earlier exits that must agree '
                              f'with this one), got {self.thresholds}')
+
+    def _check_temperatures(self, num_exits: int) -> None:
+        if self.temperatures is not None and len(self.temperatures) != num_exits:
+            raise ValueError(f'expected one temperature per exit ({num_exits}), got {len(self.temperatures)}')
 
     def _scaled(self, k: int, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.temperatures is None else logits.float() / self.temperatures[k]
@@ -114,6 +117,7 @@ class ExitPolicy(ExitRule):
         return self._score(k, logits, None)[:2]
 
     def exit_scores(self, logits: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        self._check_temperatures(len(logits))
         scores, memory = [], None
         for k, exit_logits in enumerate(logits):
             score, _, memory = self._score(k, exit_logits, memory)

@@ -117,6 +117,8 @@ CASES += [
     Case('policy-temperatures-wrong-count', lambda: simulate_early_exit(
         _exit_logits(), dynzoo.ExitPolicy('margin', [0.5, 0.5], temperatures=[1.0, 2.0])), raises=ValueError,
          match=r'expected one temperature per exit \(3\), got 2'),
+    Case('policy-temperatures-wrong-count-fit', lambda: dynzoo.ExitPolicy('entropy', temperatures=[1.0]).fit(
+        _exit_logits(), [0.5, 0.3, 0.2]), raises=ValueError, match=r'expected one temperature per exit \(3\), got 1'),
     Case('policy-patience-zero', lambda: simulate_early_exit(_exit_logits(), dynzoo.ExitPolicy('patience', [0, 2])),
          raises=ValueError, match='patience thresholds are whole numbers >= 1'),
     Case('policy-patience-fraction', lambda: simulate_early_exit(_exit_logits(), dynzoo.ExitPolicy('patience',
