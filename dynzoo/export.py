@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,9 +26,10 @@ from torch import nn
 from .cli import parse_key_values
 from .factory import create_model
 from .flops import per_exit_macs
+from .inference import ExitRule, run_exit_rule
 from .models._exits import MultiExitNetwork, flatten_tensors
 
-__all__ = ['FORMATS', 'MANIFEST', 'export_stages', 'max_softmax_exit', 'OnnxEarlyExit', 'OnnxEarlyExitResult']
+__all__ = ['FORMATS', 'MANIFEST', 'export_stages', 'OnnxEarlyExit', 'OnnxEarlyExitResult']
 
 FORMATS = ('onnx', 'pt2')
 MANIFEST = 'manifest.json'
@@ -216,15 +217,6 @@ def export_stages(model: MultiExitNetwork, folder: Union[str, Path], format: str
     return manifest
 
 
-def max_softmax_exit(logits: np.ndarray, threshold: float) -> Tuple[np.ndarray, np.ndarray]:
-    """MSDNet's exit rule at one exit, on numpy logits (N x C): which samples leave (max softmax probability
-    ``>= threshold``, compared in float32 as ``dynzoo.early_exit`` compares it) and the class each predicts."""
-    logits = np.asarray(logits, dtype=np.float32)
-    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
-    return probabilities.max(axis=1) >= np.float32(threshold), probabilities.argmax(axis=1)
-
-
 @dataclass
 class OnnxEarlyExitResult:
     """Per-sample outcome of ``OnnxEarlyExit``: the class and the 0-based exit that answered, how many samples ran
@@ -233,14 +225,15 @@ class OnnxEarlyExitResult:
     exits: np.ndarray
     samples_per_stage: List[int]
     macs: float
+    nonfinite: Optional[np.ndarray] = None
 
 
 class OnnxEarlyExit:
     """Batch early exit over the ONNX stages that ``export_stages`` wrote, with ONNX Runtime.
 
     ``runner(x)`` (``x``: a float32 numpy batch, normalised as the manifest's mean/std say) runs stage 0 on the whole
-    batch, lets every sample whose exit fires leave (``max_softmax_exit``; the last exit takes every remaining
-    sample) and runs each later stage only on the samples still inside: the same predictions and exits as
+    batch, lets every sample whose exit fires leave (``dynzoo.early_exit``'s exit loop and rule; the last exit
+    takes every remaining sample) and runs each later stage only on the samples still inside: the same predictions and exits as
     ``dynzoo.early_exit(model, x, thresholds)``, except that a sample whose confidence lies within float rounding of
     a threshold may leave one exit apart (ONNX Runtime's kernels round differently from PyTorch's). ``thresholds``
     default to the manifest's. ``threads`` sets ONNX Runtime's intra-op threads (default: its own choice).
@@ -295,33 +288,33 @@ class OnnxEarlyExit:
             logits.append(exit_logits)
         return logits
 
-    def __call__(self, x, thresholds: Optional[Sequence[float]] = None) -> OnnxEarlyExitResult:
-        thresholds = self.thresholds if thresholds is None else _check_thresholds(thresholds, self.num_exits)
-        if thresholds is None:
+    def _exit_logits(self, x: np.ndarray) -> Iterator[torch.Tensor]:
+        """``model.iter_exits``'s protocol over the ONNX stages: yields exit k's logits for the samples still inside
+        and takes ``send(keep)``, the rows to keep, before running the next stage on those rows only."""
+        state = [x]
+        for k in range(self.num_exits):
+            state, logits = self.run_stage(k, state)
+            keep = yield torch.from_numpy(logits)
+            if keep is not None:
+                rows = keep.numpy()
+                state = [s[rows] for s in state]
+
+    def __call__(self, x, thresholds: Union[None, Sequence[float], ExitRule] = None) -> OnnxEarlyExitResult:
+        """Early exit on ``x`` with ``thresholds`` (default: the runner's): per-exit thresholds on the max softmax
+        probability, or any exit policy (``dynzoo.ExitPolicy``) applied exactly as ``dynzoo.early_exit`` applies it
+        (the same ``run_exit_rule`` loop)."""
+        rule = self.thresholds if thresholds is None else thresholds
+        if rule is None:
             raise ValueError('no thresholds: pass them to OnnxEarlyExit(folder, thresholds) or to the call, or export '
                              'with thresholds=...')
-        state = [self._check_input(x)]
-        num_samples = state[0].shape[0]
-        predictions = np.full(num_samples, -1, dtype=np.int64)
-        exits = np.full(num_samples, -1, dtype=np.int64)
-        inside = np.arange(num_samples)
-        samples_per_stage = []
-        thresholds = [*thresholds, -np.inf][:self.num_exits]
-        for k in range(self.num_exits):
-            samples_per_stage.append(len(inside))
-            state, logits = self.run_stage(k, state)
-            passed, prediction = max_softmax_exit(logits, thresholds[k])
-            if k == self.num_exits - 1:
-                passed = np.ones_like(passed)
-            predictions[inside[passed]], exits[inside[passed]] = prediction[passed], k
-            if passed.all():
-                break
-            if passed.any():
-                keep = ~passed
-                inside = inside[keep]
-                state = [s[keep] for s in state]
-        macs = float(sum(n * c for n, c in zip(samples_per_stage, self.stage_macs)))
-        return OnnxEarlyExitResult(predictions, exits, samples_per_stage, macs)
+        if not isinstance(rule, ExitRule):
+            rule = _check_thresholds(rule, self.num_exits)
+            rule = ExitRule([*rule, 0.0][:self.num_exits])
+        x = self._check_input(x)
+        result = run_exit_rule(rule, self._exit_logits(x), self.num_exits, len(x))
+        macs = float(sum(n * c for n, c in zip(result.samples_per_stage, self.stage_macs)))
+        return OnnxEarlyExitResult(result.predictions.numpy(), result.exits.numpy(), result.samples_per_stage, macs,
+                                   result.nonfinite.numpy())
 
 
 def add_export_args(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,7 @@ import torch
 import dynzoo
 from dynzoo.cli import build_parser, main
 from dynzoo.data import load_sample
-from dynzoo.export import MANIFEST, OnnxEarlyExit, export_stages, max_softmax_exit
-from dynzoo.inference import simulate_early_exit
+from dynzoo.export import MANIFEST, OnnxEarlyExit, export_stages
 
 torch.set_num_threads(1)
 
@@ -146,18 +145,17 @@ def test_last_exit_takes_every_remaining_sample(msdnet_onnx):
     assert everybody.exits.tolist() == [0] * 6 and everybody.samples_per_stage == [6]
 
 
-def test_exit_rule_matches_dynzoo_inference():
-    generator = torch.Generator().manual_seed(0)
-    logits = 2 * torch.randn(200, 10, generator=generator)
-    for threshold in (0.2, 0.4, 0.6):
-        passed, prediction = max_softmax_exit(logits.numpy(), threshold)
-        reference = simulate_early_exit([logits, logits], [threshold])
-        assert passed.tolist() == (reference.exits == 0).tolist()
-        assert prediction.tolist() == reference.predictions.tolist()
-    tie = torch.zeros(2, 2)  # softmax exactly 0.5: MSDNet's rule exits at >=
-    assert max_softmax_exit(tie.numpy(), 0.5)[0].tolist() == [True, True]
-    assert (simulate_early_exit([tie, tie], [0.5]).exits == 0).all()
-    assert max_softmax_exit(tie.numpy(), np.nextafter(np.float32(0.5), 1))[0].tolist() == [False, False]
+def test_runner_applies_every_exit_policy_as_early_exit_does(scan_onnx):
+    """The runner decides with dynzoo's own exit loop: any ExitPolicy gives dynzoo.early_exit's exits."""
+    model, _, _ = scan_onnx
+    images = _cifar_sample(model, 96)
+    x = images[:48]
+    with torch.no_grad():  # fitted on other images: no confidence sits exactly on a threshold
+        logits = model(images[48:])
+    for criterion in dynzoo.policies.CRITERIA:
+        policy = dynzoo.ExitPolicy(criterion).fit(logits, [0.4, 0.3, 0.2, 0.1])
+        result = _assert_same_early_exit(scan_onnx, x, policy)
+        assert len(set(result.exits.tolist())) > 1, criterion
 
 
 def test_runner_refuses_wrong_input_and_thresholds(msdnet_onnx):
