@@ -211,35 +211,45 @@ def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits
     predictions = torch.full((num_samples,), -1, dtype=torch.long, device=device)
     exits = torch.full((num_samples,), -1, dtype=torch.long, device=device)
     nonfinite = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    inside = torch.arange(num_samples, device=device)
+    # Batch positions of the samples still inside, in order (None while all are). Bookkeeping tensors are touched
+    # only at exits where samples leave: at batch 1 each small tensor op costs as much as a small layer.
+    inside, remaining = None, num_samples
     logit_sum = memory = None
     samples_per_stage = []
     logits = next(exit_logits)
     try:
         for k in range(num_exits):
-            samples_per_stage.append(len(inside))
+            samples_per_stage.append(remaining)
+            last = k == num_exits - 1
             leave, prediction, memory = rule.decide(k, logits, memory)
             if rule.fallback == 'ensemble':
                 logit_sum = logits.float() if logit_sum is None else logit_sum + logits.float()
-            elif k == num_exits - 1:
-                leave = torch.ones_like(leave)
-            leaving = inside[leave]
-            predictions[leaving], exits[leaving] = prediction[leave], k
-            nonfinite[leaving] = ~torch.isfinite(logits[leave].amax(1))  # NaN, +Inf or all -Inf
-            keep = torch.nonzero(~leave).squeeze(1)
-            inside = inside[keep]
-            if len(inside) == 0 or k == num_exits - 1:
+            leaving = remaining if last and rule.fallback == 'last' else int(torch.count_nonzero(leave))
+            if leaving == remaining:
+                rows = slice(None) if inside is None else inside
+                predictions[rows], exits[rows] = prediction, k
+                nonfinite[rows] = ~torch.isfinite(logits.amax(1))  # NaN, +Inf or all -Inf
+                remaining = 0
                 break
-            if len(keep) < len(leave):  # no copy when all stay
+            keep = None
+            if leaving:
+                if inside is None:
+                    inside = torch.arange(num_samples, device=device)
+                leaving_rows = inside[leave]
+                predictions[leaving_rows], exits[leaving_rows] = prediction[leave], k
+                nonfinite[leaving_rows] = ~torch.isfinite(logits[leave].amax(1))
+                keep = torch.nonzero(~leave).squeeze(1)
+                inside, remaining = inside[keep], remaining - leaving
                 memory, logit_sum = _keep_rows(memory, keep), _keep_rows(logit_sum, keep)
-                logits = exit_logits.send(keep)
-            else:
-                logits = exit_logits.send(None)
+            if last:
+                break
+            logits = exit_logits.send(keep)  # None when all stay: no copy
     finally:
         exit_logits.close()
-    if len(inside):
-        predictions[inside], exits[inside] = logit_sum.argmax(1), num_exits
-        nonfinite[inside] = ~torch.isfinite(logit_sum.amax(1))
+    if remaining:
+        rows = slice(None) if inside is None else inside
+        predictions[rows], exits[rows] = logit_sum.argmax(1), num_exits
+        nonfinite[rows] = ~torch.isfinite(logit_sum.amax(1))
     if nonfinite.any():
         flagged = torch.nonzero(nonfinite).squeeze(1).tolist()
         warnings.warn(f'{len(flagged)} of {num_samples} samples got non-finite logits (NaN or Inf: check the input) '
