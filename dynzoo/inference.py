@@ -199,6 +199,21 @@ def _keep_rows(memory, keep: torch.Tensor):
     return type(memory)(_keep_rows(m, keep) for m in memory)
 
 
+def _answer(predictions: torch.Tensor, exits: torch.Tensor, flagged: List[int], rows: Optional[torch.Tensor],
+            prediction: torch.Tensor, k: int, logits: torch.Tensor) -> None:
+    """Record that the samples at batch positions ``rows`` (None: all) leave at exit ``k`` with ``prediction``,
+    answered by ``logits``; add those whose logits are not finite to ``flagged``."""
+    maxima = logits.amax(1).tolist()
+    if rows is None:
+        predictions.copy_(prediction)
+        exits.fill_(k)
+        flagged += [i for i, m in enumerate(maxima) if not math.isfinite(m)]
+    else:
+        predictions[rows], exits[rows] = prediction, k
+        if not all(map(math.isfinite, maxima)):
+            flagged += [i for i, m in zip(rows.tolist(), maxima) if not math.isfinite(m)]
+
+
 def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits: int, num_samples: int,
                   device=None) -> EarlyExitResult:
     """Apply ``rule`` exit by exit: the one loop behind ``simulate_early_exit`` and ``early_exit``.
@@ -211,9 +226,12 @@ def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits
     predictions = torch.full((num_samples,), -1, dtype=torch.long, device=device)
     exits = torch.full((num_samples,), -1, dtype=torch.long, device=device)
     nonfinite = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    # Batch positions of the samples still inside, in order (None while all are). Bookkeeping tensors are touched
-    # only at exits where samples leave: at batch 1 each small tensor op costs as much as a small layer.
+    # Right after a stage, each small tensor op costs many times what it costs alone (the stage has evicted it from
+    # the caches): at batch 1 the bookkeeping between exits sums to a visible share of a stage. So it runs few ops:
+    # counts and finiteness are read from Python lists, ``inside`` (the batch positions of the samples still inside,
+    # in order) stays None while all are, and nothing is indexed at an exit that no sample leaves.
     inside, remaining = None, num_samples
+    flagged = []  # batch positions whose answering logits hold a NaN or +Inf, or are all -Inf
     logit_sum = memory = None
     samples_per_stage = []
     logits = next(exit_logits)
@@ -224,20 +242,16 @@ def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits
             leave, prediction, memory = rule.decide(k, logits, memory)
             if rule.fallback == 'ensemble':
                 logit_sum = logits.float() if logit_sum is None else logit_sum + logits.float()
-            leaving = remaining if last and rule.fallback == 'last' else int(torch.count_nonzero(leave))
+            leaving = remaining if last and rule.fallback == 'last' else sum(leave.tolist())
             if leaving == remaining:
-                rows = slice(None) if inside is None else inside
-                predictions[rows], exits[rows] = prediction, k
-                nonfinite[rows] = ~torch.isfinite(logits.amax(1))  # NaN, +Inf or all -Inf
+                _answer(predictions, exits, flagged, inside, prediction, k, logits)
                 remaining = 0
                 break
             keep = None
             if leaving:
                 if inside is None:
                     inside = torch.arange(num_samples, device=device)
-                leaving_rows = inside[leave]
-                predictions[leaving_rows], exits[leaving_rows] = prediction[leave], k
-                nonfinite[leaving_rows] = ~torch.isfinite(logits[leave].amax(1))
+                _answer(predictions, exits, flagged, inside[leave], prediction[leave], k, logits[leave])
                 keep = torch.nonzero(~leave).squeeze(1)
                 inside, remaining = inside[keep], remaining - leaving
                 memory, logit_sum = _keep_rows(memory, keep), _keep_rows(logit_sum, keep)
@@ -247,11 +261,10 @@ def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits
     finally:
         exit_logits.close()
     if remaining:
-        rows = slice(None) if inside is None else inside
-        predictions[rows], exits[rows] = logit_sum.argmax(1), num_exits
-        nonfinite[rows] = ~torch.isfinite(logit_sum.amax(1))
-    if nonfinite.any():
-        flagged = torch.nonzero(nonfinite).squeeze(1).tolist()
+        _answer(predictions, exits, flagged, inside, logit_sum.argmax(1), num_exits, logit_sum)
+    if flagged:
+        flagged.sort()
+        nonfinite[flagged] = True
         warnings.warn(f'{len(flagged)} of {num_samples} samples got non-finite logits (NaN or Inf: check the input) '
                       f'at the exit that answered, e.g. batch positions {flagged[:10]}; their predictions mean '
                       'nothing (result.nonfinite flags them)', RuntimeWarning, stacklevel=3)
