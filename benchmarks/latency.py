@@ -12,7 +12,8 @@ touches every variant alike):
   CIFAR-10 sample (CIFAR models) or random images, next to the MACs it spent.
 
 Tables give the median and 95th-percentile latency, each exit's share of the full forward's MACs (fvcore cascade:
-stages and heads 1..k) and its share of the full forward's median time. Weights: shipped ones for the ``.c10`` models,
+stages and heads 1..k) and its share of the full forward's median time; at a threshold, where images leave at
+different exits, the mean time over the mean time of the full forward, next to the mean MACs share. Weights: shipped ones for the ``.c10`` models,
 random for the others (timings hold, exits at a threshold do not). ``--clock cpu`` times with the process's CPU time,
 which time slices lost to other processes do not inflate (one thread).
 
@@ -180,14 +181,14 @@ def report(spec, model, input_size, macs, times, exits, ort: bool):
         if ort:
             row += f' {ms(times[("ort iter", k)])} | {ms(times[("ort early", k)])} |'
         print(row)
-    print('\n| threshold | mean MACs share | `early_exit` (ms) | time share | exit fractions |')
+    print('\n| threshold | mean MACs share | mean time share | `early_exit` (ms) | exit fractions |')
     print('|---|---|---|---|---|')
     for t, taken in exits.items():
         taken = np.asarray(taken)
         mean_macs = float(np.mean(np.asarray(macs)[taken])) / macs[-1]
         fractions = np.bincount(taken, minlength=model.num_exits) / len(taken)
-        print(f'| {t:g} | {mean_macs:.3f} | {ms(times[("threshold", t)])} | '
-              f'{np.median(times[("threshold", t)]) / full:.3f} | {" ".join(f"{f:.2f}" for f in fractions)} |')
+        print(f'| {t:g} | {mean_macs:.3f} | {np.mean(times[("threshold", t)]) / np.mean(times["full"]):.3f} | '
+              f'{ms(times[("threshold", t)])} | {" ".join(f"{f:.2f}" for f in fractions)} |')
 
 
 clock = CLOCKS['wall']
