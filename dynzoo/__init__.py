@@ -1,6 +1,7 @@
 """dynzoo: dynamic (early-exit, cost-adjustable) image classifiers on timm's registry."""
 from . import models
-from .factory import PretrainedWeightsNotFoundError, UnknownModelError, create_model, is_dynzoo_model, list_models
+from .factory import UnknownModelError, create_model, is_dynzoo_model, list_models
+from .pretrained import PretrainedWeightsNotFoundError
 from .flops import count_macs, per_exit_flops, per_exit_macs, per_exit_params
 from .models import CheckpointMismatchError, MultiExitNetwork
 from .sdpoint import instance_flops, instance_macs

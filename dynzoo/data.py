@@ -7,6 +7,7 @@
 """
 import io
 import os
+import zipfile
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -17,8 +18,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 __all__ = [
-    'SAMPLE_PATH', 'PRESETS', 'load_cifar_npz', 'load_sample', 'ArrayDataset', 'cifar_dataset', 'build_transforms',
-    'image_folder', 'holdout_indices', 'Cutout',
+    'SAMPLE_PATH', 'PRESETS', 'NPZ_FORMAT', 'PackedCifarError', 'load_cifar_npz', 'load_sample', 'ArrayDataset',
+    'cifar_dataset', 'build_transforms', 'image_folder', 'holdout_indices', 'Cutout', 'normalization',
 ]
 
 SAMPLE_PATH = Path(__file__).parent / 'assets' / 'cifar10_test_sample.npz'
@@ -27,6 +28,7 @@ CIFAR_NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 # Per preset: the normalisation per dataset ('default' when the authors used one pair for every dataset) and the
 # augmentation recipe. Sources: MSDNet PyTorch ``dataloader.py``; SCAN ``train.py`` and the journal Self-Distillation
 # ``train.py`` (spec scan_sdpoint.md A6); gpleiss efficient-densenet ``demo.py``; torchvision's ImageNet recipe.
+# The one source of these statistics: the models' pretrained configs read them here too (``normalization``).
 PRESETS: Dict[str, dict] = {
     'cifar': dict(augment='crop_flip', stats={
         'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -45,33 +47,81 @@ PRESETS: Dict[str, dict] = {
 }
 
 
-def _decode_jpeg_array(jpeg: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+NPZ_FORMAT = ("A packed-JPEG CIFAR npz (numpy.savez) holds, per split ('train', 'test'): {split}_jpeg (uint8, the "
+              "JPEG files concatenated), {split}_offsets (int, one entry more than images: image i is "
+              "{split}_jpeg[offsets[i]:offsets[i+1]]) and {split}_labels (int class indices), and classes (str)")
+
+
+class PackedCifarError(ValueError):
+    """A file that is not a packed-JPEG CIFAR npz, or lacks the split asked for; the message ends with the format
+    (``NPZ_FORMAT``)."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f'{path} {problem}. {NPZ_FORMAT}')
+
+
+def _not_packed(path, problem: str) -> PackedCifarError:
+    return PackedCifarError(path, f'is not a packed-JPEG CIFAR npz: {problem}')
+
+
+def _decode_jpeg_array(jpeg: np.ndarray, offsets: np.ndarray, path, split: str) -> np.ndarray:
     images = np.empty((len(offsets) - 1, 32, 32, 3), dtype=np.uint8)
     for i in range(len(offsets) - 1):
-        image = Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())).convert('RGB')
+        try:
+            image = Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())).convert('RGB')
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise _not_packed(path, f'{split} image {i} (bytes {offsets[i]}..{offsets[i + 1]} of {split}_jpeg) is '
+                                    'not an image file') from error
         if image.size != (32, 32):
             raise ValueError(f'image {i} is {image.size[0]}x{image.size[1]}; the packed CIFAR format holds 32x32 images')
         images[i] = np.asarray(image)
     return images
 
 
+def _check_packed_arrays(path, split: str, jpeg: np.ndarray, offsets: np.ndarray, labels: np.ndarray) -> None:
+    for key, array in ((f'{split}_jpeg', jpeg), (f'{split}_offsets', offsets), (f'{split}_labels', labels)):
+        if array.ndim != 1 or not (array.dtype.kind in 'iu' or array.size == 0):
+            raise _not_packed(path, f'{key} is a {array.dtype} array of shape {array.shape}, not a 1-D integer array')
+    if jpeg.dtype != np.uint8:
+        raise _not_packed(path, f'{split}_jpeg holds {jpeg.dtype}, not uint8 bytes')
+    if len(offsets) != len(labels) + 1:
+        raise _not_packed(path, f'{split}_offsets must have one entry more than {split}_labels '
+                                f'({len(offsets)} vs {len(labels)})')
+    if len(offsets) and (offsets[0] < 0 or offsets[-1] > len(jpeg) or (np.diff(offsets) < 0).any()):
+        raise _not_packed(path, f'{split}_offsets must be rising positions in {split}_jpeg (0..{len(jpeg)}); they '
+                                f'span {offsets.min()}..{offsets.max()}'
+                                + (' and go down' if (np.diff(offsets) < 0).any() else ''))
+
+
 def load_cifar_npz(path, split: str = 'train') -> Tuple[np.ndarray, np.ndarray]:
-    """Decode the ``split`` ('train' or 'test') of a packed-JPEG CIFAR npz: (uint8 N x 32 x 32 x 3, int64 labels)."""
+    """Decode the ``split`` ('train' or 'test') of a packed-JPEG CIFAR npz: (uint8 N x 32 x 32 x 3, int64 labels).
+    A file of another kind (a pickle, a single ``.npy`` array, object arrays, garbage offsets or image bytes) raises
+    a ``PackedCifarError`` that names the file and the expected format; nothing is unpickled."""
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'no packed CIFAR npz at {path}; pass the path of a file such as cifar10_jpeg.npz')
-    with np.load(path) as packed:
-        missing = [k for k in (f'{split}_jpeg', f'{split}_offsets', f'{split}_labels') if k not in packed.files]
+    try:
+        packed = np.load(path)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # numpy takes any other file for a pickle
+        raise _not_packed(path, 'it is neither a zip archive of arrays nor an .npy file') from error
+    if not isinstance(packed, np.lib.npyio.NpzFile):
+        raise _not_packed(path, f'it holds a single {packed.dtype} array of shape {packed.shape} (.npy), not named '
+                                'arrays')
+    with packed:
+        keys = (f'{split}_jpeg', f'{split}_offsets', f'{split}_labels')
+        missing = [k for k in keys if k not in packed.files]
         if missing:
-            raise ValueError(f'{path} has no {split} split (missing {", ".join(missing)}; it holds {packed.files})')
-        jpeg, offsets = packed[f'{split}_jpeg'], packed[f'{split}_offsets']
-        labels = packed[f'{split}_labels'].astype(np.int64)
-    if len(offsets) != len(labels) + 1:
-        raise ValueError(f'{path}: {split}_offsets must have one entry more than {split}_labels '
-                         f'({len(offsets)} vs {len(labels)})')
-    return _decode_jpeg_array(jpeg, offsets), labels
+            raise PackedCifarError(path, f'has no {split} split (missing {", ".join(missing)}; it holds '
+                                         f'{packed.files})')
+        try:
+            jpeg, offsets, labels = (packed[k] for k in keys)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            raise _not_packed(path, f'its {split} arrays are damaged or hold pickled Python objects, which dynzoo '
+                                    'never loads') from error
+    _check_packed_arrays(path, split, jpeg, offsets, labels)
+    return _decode_jpeg_array(jpeg, offsets, path, split), labels.astype(np.int64)
 
 
 def load_sample() -> Tuple[np.ndarray, np.ndarray]:
@@ -117,8 +167,13 @@ def cifar_dataset(split: str = 'train', source: str = 'npz', root=None, path=Non
         if root is None:
             raise ValueError("source='torchvision' needs root=<folder> (and download=True to fetch the data there)")
         dataset_cls = datasets.CIFAR10 if name == 'cifar10' else datasets.CIFAR100
-        return dataset_cls(os.fspath(root), train=split == 'train', download=download,
-                           transform=transform if transform is not None else transforms.ToTensor())
+        try:
+            return dataset_cls(os.fspath(root), train=split == 'train', download=download,
+                               transform=transform if transform is not None else transforms.ToTensor())
+        except RuntimeError as error:  # torchvision: 'Dataset not found or corrupted'
+            raise FileNotFoundError(f'no complete {name} download in {root}: pass the folder that holds '
+                                    f'{dataset_cls.base_folder}/, or download=True (the --download option) to '
+                                    'fetch it there') from error
     raise ValueError(f"source must be 'npz', 'torchvision' or 'sample', got {source!r}")
 
 
@@ -150,6 +205,17 @@ class Cutout:
         return f'{type(self).__name__}(length={self.length})'
 
 
+def normalization(preset: str, dataset: str = 'cifar10') -> Dict[str, Tuple[float, ...]]:
+    """``dict(mean=..., std=...)`` of ``preset`` (a key of ``PRESETS``) for ``dataset``."""
+    if preset not in PRESETS:
+        raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
+    stats = PRESETS[preset]['stats']
+    mean_std = stats.get(dataset, stats.get('default'))
+    if mean_std is None:
+        raise ValueError(f'preset {preset!r} has normalisation for {sorted(stats)} only, not {dataset!r}')
+    return dict(mean=mean_std[0], std=mean_std[1])
+
+
 def build_transforms(preset: str = 'cifar', train: bool = False, dataset: str = 'cifar10',
                      input_size: int = 224) -> transforms.Compose:
     """The authors' preprocessing for ``preset`` (a key of ``PRESETS``), training or evaluation.
@@ -160,14 +226,8 @@ def build_transforms(preset: str = 'cifar', train: bool = False, dataset: str = 
     ``dataset`` picks the normalisation where the authors used one per dataset (MSDNet). dynzoo uses torchvision's
     AutoAugment policy rather than the authors' re-implementation of it, and applies Cutout after normalisation.
     """
-    if preset not in PRESETS:
-        raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
-    spec = PRESETS[preset]
-    stats = spec['stats'].get(dataset, spec['stats'].get('default'))
-    if stats is None:
-        raise ValueError(f'preset {preset!r} has normalisation for {sorted(spec["stats"])} only, not {dataset!r}')
-    normalize = transforms.Normalize(*stats)
-    augment = spec['augment']
+    normalize = transforms.Normalize(**normalization(preset, dataset))
+    augment = PRESETS[preset]['augment']
     if augment == 'imagenet':
         if train:
             steps = [transforms.RandomResizedCrop(input_size), transforms.RandomHorizontalFlip()]

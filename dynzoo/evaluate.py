@@ -17,14 +17,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from .cli import positive_int
 from .data import CIFAR_NUM_CLASSES, cifar_dataset, holdout_indices
 from .factory import create_model
 from .flops import MacsRow, per_exit_macs, per_exit_params, per_exit_table
 from .inference import early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions
 from .models import MultiExitNetwork
 
-__all__ = ['ResultTable', 'collect_logits', 'evaluate_anytime', 'eval_transform', 'add_bench_args', 'run_bench',
-           'add_eval_args', 'run_eval']
+__all__ = ['ResultTable', 'check_labels', 'collect_logits', 'evaluate_anytime', 'eval_transform', 'add_bench_args',
+           'run_bench', 'add_eval_args', 'run_eval']
 
 
 class ResultTable:
@@ -112,19 +113,36 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def check_labels(labels, num_samples: int, num_classes: int) -> torch.Tensor:
+    """``labels`` as an int64 tensor if they are ``num_samples`` class indices of a ``num_classes``-way classifier;
+    a ``ValueError`` otherwise (labels from data with more classes would silently count as wrong answers)."""
+    labels = torch.as_tensor(labels)
+    if labels.shape != (num_samples,) or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f'labels must be {num_samples} integer class indices, one per image, got a {labels.dtype} '
+                         f'tensor of shape {tuple(labels.shape)}')
+    labels = labels.long()
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        raise ValueError(f'label {labels[outside][0].item()} is not a class of this {num_classes}-class model '
+                         f'(0..{num_classes - 1}): the data has other classes than the classifier. Evaluate on data '
+                         'with its classes, or a model trained on this data')
+    return labels
+
+
 @torch.no_grad()
 def collect_logits(model, loader, progress: bool = False) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """Logits of every exit for every sample of ``loader`` (model in eval mode): ([N x C per exit], labels)."""
+    """Logits of every exit for every sample of ``loader`` (model in eval mode): ([N x C per exit], labels). Labels
+    that are not class indices of the model raise a ``ValueError`` (``check_labels``)."""
     model.eval()
     device = _device_of(model)
     per_exit, labels = None, []
     for images, targets in tqdm(loader, desc='logits', disable=not progress, leave=False):
         outputs = model(images.to(device))
         outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs  # single-exit models
+        labels.append(check_labels(targets, len(images), outputs[0].shape[1]))
         per_exit = [[] for _ in outputs] if per_exit is None else per_exit
         for store, logits in zip(per_exit, outputs):
             store.append(logits.float().cpu())
-        labels.append(torch.as_tensor(targets))
     if per_exit is None:
         raise ValueError('the loader yielded no batches')
     return [torch.cat(store) for store in per_exit], torch.cat(labels)
@@ -182,10 +200,10 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--data-root', default=None, help='torchvision CIFAR folder (--data torchvision)')
     group.add_argument('--dataset', choices=sorted(CIFAR_NUM_CLASSES), default='cifar10')
     group.add_argument('--download', action='store_true', help='download CIFAR with torchvision into --data-root')
-    group.add_argument('--limit', type=int, default=None, help='evaluate at most this many test images')
-    group.add_argument('--batch-size', type=int, default=100)
+    group.add_argument('--limit', type=positive_int, default=None, help='evaluate at most this many test images')
+    group.add_argument('--batch-size', type=positive_int, default=100)
     group.add_argument('--workers', type=int, default=0)
-    group.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    group.add_argument('--threads', type=positive_int, default=None, help='torch CPU threads')
     group.add_argument('--out', default=None, help='folder for the JSON results and PNG plots')
 
 
@@ -366,6 +384,7 @@ def _eval_early_exit(model, args, transform) -> ResultTable:
             correct, spent, seen, elapsed = 0, 0.0, 0, 0.0
             exit_counts = torch.zeros(model.num_exits, dtype=torch.long)
             for images, labels in tqdm(loader, desc=f'early exit q={q}', leave=False):
+                labels = check_labels(labels, len(images), model.num_classes)
                 start = time.perf_counter()
                 result = early_exit(model, images.to(_device_of(model)), thresholds)
                 elapsed += time.perf_counter() - start

@@ -3,16 +3,13 @@ import difflib
 from typing import Any, Dict, List, Optional
 
 import timm
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from timm.models import is_model, model_entrypoint, split_model_name_tag
+
+from .pretrained import HUB_ERRORS, resolve_pretrained_source, url_source
 
 
 class UnknownModelError(ValueError, RuntimeError):
     """A model name (or pretrained tag) that dynzoo does not register."""
-
-
-class PretrainedWeightsNotFoundError(FileNotFoundError):
-    """``pretrained=True`` found the weights in no local source and could not get them from the Hugging Face Hub."""
 
 
 def is_dynzoo_model(name: str) -> bool:
@@ -28,6 +25,9 @@ def list_models(filter: str = '', pretrained: bool = False, exclude_filters: str
 
 
 def _check_name(model_name: str) -> None:
+    if not isinstance(model_name, str):
+        raise TypeError(f"model_name must be a string such as 'msdnet_step4' or 'msdnet_cifar_b7.c10', got "
+                        f'{type(model_name).__name__} {model_name!r}; dynzoo.list_models() lists the names')
     if model_name.startswith(('hf-hub:', 'local-dir:')):
         return
     arch, tag = split_model_name_tag(model_name)
@@ -39,7 +39,7 @@ def _check_name(model_name: str) -> None:
         hint = f' Did you mean: {", ".join(close)}?' if close else ''
         raise UnknownModelError(
             f'Unknown dynzoo model {arch!r}.{hint} dynzoo.list_models() lists all {len(known)} models.')
-    tags = timm.list_pretrained(f'{arch}.*')
+    tags = timm.list_models(f'{arch}.*', include_tags=True)
     if tag and model_name not in tags:
         raise UnknownModelError(
             f'{arch!r} has no pretrained tag {tag!r}. Known tags: {", ".join(tags) or "none"}.')
@@ -54,35 +54,24 @@ def create_model(
 ):
     """Build a dynzoo model by name, as ``timm.create_model`` does (``arch`` or ``arch.tag`` or ``hf-hub:org/repo``).
 
-    ``pretrained_cfg_overlay=dict(file=PATH)`` loads a local checkpoint, including the authors' own files.
-    Otherwise ``pretrained=True`` looks in the offline mirror (``$DYNZOO_HUB_MIRROR``, then the weights shipped in
-    ``dynzoo/weights/``) before huggingface_hub's download and cache (see ``dynzoo.hub``).
+    ``pretrained_cfg_overlay=dict(file=PATH)`` (or ``state_dict=...``) loads a checkpoint of yours, including the
+    authors' own files and dynzoo's trainer's ``last.pth``. Otherwise ``pretrained=True`` looks in the offline
+    mirror (``$DYNZOO_HUB_MIRROR``, then the weights shipped in ``dynzoo/weights/``), then the Hugging Face Hub
+    (through timm and huggingface_hub's cache), then the weights' URL (downloaded to torch.hub's cache); see
+    ``dynzoo.pretrained``. A bare architecture name loads its default (best released) weights.
     """
     _check_name(model_name)
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
     if pretrained:
-        from .hub import resolve_pretrained_source
         model_name, pretrained_cfg_overlay = resolve_pretrained_source(model_name, pretrained_cfg_overlay)
     try:
         model = timm.create_model(model_name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay,
                                   **kwargs)
-    except (HfHubHTTPError, EntryNotFoundError) as e:  # EntryNotFoundError covers offline cache misses
-        raise _weights_not_found(model_name, pretrained_cfg_overlay, e) from e
+    except HUB_ERRORS as e:  # the Hub repository could not be read: the URL, if any, is the fallback
+        pretrained_cfg_overlay = url_source(model_name, pretrained_cfg_overlay, hub_error=e)
+        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=pretrained_cfg_overlay,
+                                  **kwargs)
     if isinstance(getattr(model, 'pretrained_cfg', None), dict):
         model.pretrained_cfg.pop('state_dict', None)  # mirrored weights were passed in memory: do not keep a copy
     return model
-
-
-def _weights_not_found(model_name: str, overlay: Optional[Dict[str, Any]], error: Exception):
-    cfg = timm.models.get_pretrained_cfg(model_name)
-    cfg = dict(cfg.to_dict() if cfg is not None else {}, **(overlay or {}))
-    source = f'the Hugging Face Hub repository {cfg["hf_hub_id"]}' if cfg.get('hf_hub_id') else 'the Hub'
-    url = (f', or pretrained_cfg_overlay=dict(hf_hub_id=None) to download the original file ({cfg["url"]})'
-           if cfg.get('url') and cfg.get('hf_hub_id') else '')
-    mirror = f'$DYNZOO_HUB_MIRROR/{cfg["hf_hub_id"]}/' if cfg.get('hf_hub_id') else '$DYNZOO_HUB_MIRROR/<org>/<repo>/'
-    return PretrainedWeightsNotFoundError(
-        f'no weights for {model_name!r}: no offline mirror holds them and {source} could not be read '
-        f'({type(error).__name__}: offline, or not published yet). Pass a local file with '
-        f'pretrained_cfg_overlay=dict(file=PATH) (the authors\' own checkpoints load){url}, or put the Hub folder '
-        f'in {mirror}.')

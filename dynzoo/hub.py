@@ -1,17 +1,15 @@
 """Weights on the Hugging Face Hub: Hub-ready folders, model cards, offline mirrors, safe loading, conversion.
 
 * ``save_pretrained(model, dir)`` writes ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``, plus a
-  ``dynzoo`` entry with per-exit MACs, parameters and accuracy) + a ``README.md`` model card;
-  ``push_to_hub(model, repo_id)`` uploads that folder with ``huggingface_hub``.
-* Pretrained weights are looked up, in order: an explicit ``pretrained_cfg_overlay=dict(file=...)``; the mirror
-  directory named by the environment variable ``DYNZOO_HUB_MIRROR`` (``<mirror>/<org>/<repo>/model.safetensors`` and
-  ``config.json``, the Hub's own repository layout); the weights shipped in this package
-  (``dynzoo/weights/<architecture>.<tag>/``, the ``dynzoo`` organisation only); then huggingface_hub's normal
-  download and cache (which also works offline, ``HF_HUB_OFFLINE=1``, once the files are cached).
-  ``timm.create_model`` (after ``import dynzoo``) finds the shipped weights too, through the configs' ``file``, but
-  not the ``DYNZOO_HUB_MIRROR`` directory.
+  ``dynzoo`` entry with per-exit MACs, parameters and accuracy) + a ``README.md`` model card (huggingface_hub's
+  ``ModelCard``); ``push_to_hub(model, repo_id)`` uploads that folder with ``huggingface_hub``.
+* ``mirror_folder(name)``: the local Hub-layout folder of a name's weights, in the directory named by the
+  environment variable ``DYNZOO_HUB_MIRROR`` (``<mirror>/<org>/<repo>/model.safetensors`` and ``config.json``) or
+  among the weights shipped in this package (``dynzoo/weights/<architecture>.<tag>/``, the ``dynzoo`` organisation
+  only). ``dynzoo.pretrained`` looks there before the Hub and URLs. ``timm.create_model`` (after ``import dynzoo``)
+  finds the shipped weights too, through the configs' ``file``, but not the ``DYNZOO_HUB_MIRROR`` directory.
 * ``load_checkpoint_file(path)`` reads safetensors or PyTorch pickles, the latter with ``weights_only=True`` only:
-  code-carrying pickles are refused, truncated or corrupt files raise :class:`CheckpointFileError`.
+  code-carrying pickles are refused, truncated, corrupt or garbage files raise :class:`CheckpointFileError`.
 * ``convert_checkpoint(family, src, dst)`` turns an authors' checkpoint as released into a Hub-ready folder, through
   the family's ``checkpoint_filter_fn``; every key must map.
 """
@@ -20,6 +18,8 @@ import importlib
 import json
 import os
 import pickle
+import shutil
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -28,17 +28,18 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import safetensors.torch
 import timm
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 from safetensors import SafetensorError
 from timm.models import get_pretrained_cfg, is_model, list_models, model_entrypoint, split_model_name_tag
 from torch import nn
 
 from .cli import parse_key_values
-from .models import CheckpointMismatchError
+from .models import CheckpointMismatchError, FoldedBatchNorm, PointwiseConv
 from .models._helpers import HUB_ORG, PACKAGE_MIRROR, checkpoint_filter, unwrap_state_dict
 
 __all__ = [
     'MIRROR_ENV', 'PACKAGE_MIRROR', 'FAMILIES', 'CheckpointFileError', 'load_checkpoint_file', 'save_pretrained',
-    'push_to_hub', 'mirror_folder', 'resolve_pretrained_source', 'convert_checkpoint', 'add_convert_args',
+    'push_to_hub', 'mirror_folder', 'convert_checkpoint', 'add_convert_args',
     'run_convert',
 ]
 
@@ -89,7 +90,9 @@ def load_checkpoint_file(path) -> Any:
         detail = next((line for line in str(e).splitlines() if 'Unsupported' in line), 'not a weights-only pickle')
         raise CheckpointFileError(f'{path} is not a readable PyTorch checkpoint (unpickling failed: {detail.strip()}); '
                                   'it is probably truncated or corrupt: download or save it again.') from e
-    except (EOFError, RuntimeError, zipfile.BadZipFile) as e:
+    # What garbage makes the unpickler raise besides UnpicklingError (a memo key it never stored, an empty stack...).
+    except (EOFError, RuntimeError, zipfile.BadZipFile, KeyError, IndexError, ValueError, TypeError, AttributeError,
+            struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise CheckpointFileError(
             f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); it is probably truncated or '
             'corrupt: download or save it again.') from e
@@ -124,22 +127,40 @@ def _fmt_m(value: float) -> str:
     return f'{value / 1e6:.2f}'
 
 
+def _paper_link(cfg: Dict[str, Any]) -> Optional[str]:
+    """The paper's page from its first id (``arXiv:<id>`` or ``doi:<id>``), a URL that exists for a real id."""
+    ids = cfg.get('paper_ids') or ''
+    first = (ids if isinstance(ids, str) else ids[0]) if ids else ''
+    scheme, _, value = first.partition(':')
+    return {'arxiv': f'https://arxiv.org/abs/{value}', 'doi': f'https://doi.org/{value}'}.get(scheme.lower())
+
+
 def _model_card(name: str, config: Dict[str, Any]) -> str:
+    """The model card: huggingface_hub's ``ModelCard`` with ``ModelCardData`` metadata. It links only the paper's
+    page and the pretrained config's ``origin_url`` (the authors' code or the weights' page)."""
     info = config['dynzoo']
     architecture = config['architecture']
     cfg = config['pretrained_cfg']
-    paper = f'"{cfg["paper_name"]}" ({cfg.get("paper_ids", "")})' if cfg.get('paper_name') else 'see the dynzoo README'
     accuracy = info.get('per_exit_accuracy')
     kind = (f'a {info["num_exits"]}-exit dynamic image classifier: every exit returns logits, so a sample can leave '
             'the network as soon as an exit is confident' if info['num_exits'] > 1 else 'an image classifier')
+    paper, link = cfg.get('paper_name'), _paper_link(cfg)
+    card_license = cfg.get('license') or 'other'
+    data = ModelCardData(library_name='timm', license=card_license, pipeline_tag='image-classification',
+                         tags=['image-classification', 'timm', 'dynzoo', 'early-exit'])
     lines = [
-        '---', 'tags:', '- image-classification', '- timm', '- dynzoo', '- early-exit', 'library_name: timm',
-        f'license: {config["pretrained_cfg"].get("license", "mit")}', '---', '',
         f'# {name}', '',
-        f'`{architecture}` from [dynzoo](https://github.com/dynzoo/dynzoo), {kind}.',
-        '', f'Paper: {paper}.', '',
-        f'Classes: {config["num_classes"]}. Input: {"x".join(map(str, config["pretrained_cfg"]["input_size"]))}, '
-        f'mean {tuple(config["pretrained_cfg"]["mean"])}, std {tuple(config["pretrained_cfg"]["std"])}.', '',
+        f'`{architecture}`, {kind}. Built with dynzoo (the `dynzoo` Python package), which registers it in timm.', '',
+    ]
+    if paper:
+        lines += ['Paper: ' + (f'[{paper}]({link})' if link else f'"{paper}" ({cfg.get("paper_ids", "")})') + '.', '']
+    if cfg.get('origin_url'):
+        lines += [f'Origin (the authors\' code or release): <{cfg["origin_url"]}>.', '']
+    if cfg.get('description'):  # weights released by others: their reported accuracy, labelled as such
+        lines += [f'{cfg["description"]}.', '']
+    lines += [
+        f'Classes: {config["num_classes"]}. Input: {"x".join(map(str, cfg["input_size"]))}, '
+        f'mean {tuple(cfg["mean"])}, std {tuple(cfg["std"])}.', '',
     ]
     training = info.get('training')
     if training:
@@ -174,7 +195,7 @@ def _model_card(name: str, config: Dict[str, Any]) -> str:
         '```', '',
         f'Offline: set `{MIRROR_ENV}` to a folder holding `{HUB_ORG}/{name}/` (this repository\'s files).', '',
     ]
-    return '\n'.join(lines)
+    return str(ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(lines)))
 
 
 def save_pretrained(
@@ -198,7 +219,17 @@ def save_pretrained(
     ``save_for_hf`` takes it. The config's ``dynzoo`` entry holds per-exit fvcore MACs and parameters.
     ``per_instance_accuracy`` (SDPoint networks: ``{instance name: top-1 %}``) adds every instance's MACs and
     accuracy to the config and card.
+
+    The files are written in a temporary folder beside ``save_directory`` and then moved into it, so that a process
+    killed while writing leaves no temporary file in the folder (which would be uploaded with it). A model optimized
+    for inference (``optimize_for_inference`` / ``fuse_conv_bn``) is refused: its weights no longer fit the
+    architecture the config names.
     """
+    if any(isinstance(m, (FoldedBatchNorm, PointwiseConv)) for m in model.modules()):
+        raise ValueError(
+            'this model was optimized for inference (dynzoo.optimize_for_inference or fuse_conv_bn folded its batch '
+            'norms into the convolutions), so its weights no longer fit its architecture and the folder could not be '
+            'loaded: save the model before optimizing it, and optimize it again after loading')
     save_directory = Path(save_directory)
     architecture = model.pretrained_cfg['architecture']
     model_name = model_name or architecture
@@ -220,15 +251,26 @@ def save_pretrained(
     else:  # safetensors stores contiguous tensors
         export = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.contiguous_format)
     export.num_features = _num_features(model)  # timm's save_for_hf reads it; multi-exit networks have none
+    if model.pretrained_cfg.get('tag') not in (None, '', tag):  # e.g. trained from scratch on a bare name whose
+        # default cfg is another's released weights: that tag and its reported accuracy do not describe these ones
+        export.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ('tag', 'description')}
     pretrained_cfg = {'hf_hub_id': f'{HUB_ORG}/{model_name}'}
     if tag:
         pretrained_cfg['tag'] = tag
-    timm.models.save_for_hf(
-        export, save_directory, safe_serialization=True, data_config=data_config,
-        model_config={'pretrained_cfg': pretrained_cfg, 'dynzoo': info})
-    if model_card:
-        config = json.loads((save_directory / 'config.json').read_text())
-        (save_directory / 'README.md').write_text(_model_card(model_name, config), encoding='utf-8')
+    save_directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f'.{save_directory.name}.', suffix='.tmp', dir=save_directory.parent))
+    try:
+        timm.models.save_for_hf(
+            export, staging, safe_serialization=True, data_config=data_config,
+            model_config={'pretrained_cfg': pretrained_cfg, 'dynzoo': info})
+        if model_card:
+            config = json.loads((staging / 'config.json').read_text())
+            (staging / 'README.md').write_text(_model_card(model_name, config), encoding='utf-8')
+        save_directory.mkdir(exist_ok=True)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, save_directory / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return save_directory
 
 
@@ -253,61 +295,33 @@ def _has_weights(folder: Path) -> bool:
 
 
 def mirror_folder(model_name: str) -> Optional[Path]:
-    """The local folder holding ``model_name``'s weights (``hf-hub:org/repo`` or ``architecture.tag``), if any.
+    """The local folder holding ``model_name``'s weights (``hf-hub:org/repo`` or ``architecture[.tag]``), if any.
 
-    Looks in ``$DYNZOO_HUB_MIRROR/<org>/<repo>/`` first, then in the weights shipped with dynzoo
-    (``dynzoo/weights/<repo>/`` for the ``dynzoo`` organisation).
+    Looks in ``$DYNZOO_HUB_MIRROR`` first, then in the weights shipped with dynzoo (``dynzoo/weights/<repo>/``, for
+    the ``dynzoo`` organisation), for the repositories ``<org>/<repo>`` of the name's ``hf_hub_id``, then
+    ``dynzoo/<name as given>`` and ``dynzoo/<architecture>.<tag it resolves to>`` (where ``dynzoo convert`` tells
+    you to put a converted folder).
     """
     if model_name.startswith('local-dir:'):
         return None
     if model_name.startswith('hf-hub:'):
-        repo_id = model_name[len('hf-hub:'):].split('@')[0]
+        repo_ids = [model_name[len('hf-hub:'):].split('@')[0]]
     else:
         cfg = get_pretrained_cfg(model_name, allow_unregistered=False)
-        repo_id = cfg.hf_hub_id if cfg is not None else None
-    if not repo_id or repo_id.count('/') != 1:
-        return None
+        arch = split_model_name_tag(model_name)[0]
+        resolved = f'{arch}.{cfg.tag}' if cfg is not None and cfg.tag else arch
+        repo_ids = [cfg.hf_hub_id if cfg is not None else None, f'{HUB_ORG}/{model_name}', f'{HUB_ORG}/{resolved}']
+    repo_ids = list(dict.fromkeys(r for r in repo_ids if r and r.count('/') == 1))
     mirror = os.environ.get(MIRROR_ENV)
-    if mirror:
-        folder = Path(mirror).expanduser() / repo_id
-        if _has_weights(folder):
-            return folder
-    org, repo = repo_id.split('/')
-    folder = PACKAGE_MIRROR / repo
-    if org == HUB_ORG and _has_weights(folder):
-        return folder
+    roots = [(Path(mirror).expanduser(), None)] if mirror else []
+    roots.append((PACKAGE_MIRROR, HUB_ORG))
+    for root, only_org in roots:
+        for repo_id in repo_ids:
+            org, repo = repo_id.split('/')
+            folder = root / repo if only_org else root / repo_id
+            if (only_org is None or org == only_org) and _has_weights(folder):
+                return folder
     return None
-
-
-def resolve_pretrained_source(model_name: str, pretrained_cfg_overlay: Optional[Dict[str, Any]] = None
-                              ) -> Tuple[str, Optional[Dict[str, Any]]]:
-    """The ``(model_name, pretrained_cfg_overlay)`` for ``timm.create_model`` that loads from a mirror folder.
-
-    A ``file`` given by the caller and mirrored weights are read with :func:`load_checkpoint_file` (safe loading,
-    clear errors for corrupt files) and passed as the overlay's ``state_dict``. Unchanged when no mirror has the
-    weights: timm then uses the Hub and its cache.
-
-    The overlay's ``num_classes`` is set to the checkpoint's own class count (unless the caller set it): timm keeps
-    the classifier when the model has as many classes and drops it (fine-tuning) only when it has another number,
-    instead of comparing with the registered config's count, which says nothing about a user's file.
-    """
-    overlay = dict(pretrained_cfg_overlay or {})
-    if overlay.get('state_dict') is not None:
-        return model_name, pretrained_cfg_overlay
-    if overlay.get('file'):
-        overlay['state_dict'] = load_checkpoint_file(overlay['file'])
-        _set_checkpoint_classes(overlay, model_name)
-        return model_name, overlay
-    folder = mirror_folder(model_name)
-    if folder is None:
-        return model_name, pretrained_cfg_overlay
-    weights = folder / WEIGHTS_NAME
-    overlay.update(state_dict=load_checkpoint_file(weights), file=os.fspath(weights), source='mirror')
-    if model_name.startswith('hf-hub:'):
-        if not (folder / 'config.json').is_file():
-            raise FileNotFoundError(f'{folder} has {WEIGHTS_NAME} but no config.json; copy the whole Hub folder')
-        model_name = f'local-dir:{folder}'
-    return model_name, overlay
 
 
 def _load_family(family: str):
@@ -322,17 +336,6 @@ def _load_family(family: str):
     filter_fn = getattr(module, 'checkpoint_filter_fn', None) or checkpoint_filter
     names = [n for n in list_models(f'{prefix}*') if model_entrypoint(n).__module__ == module.__name__]
     return filter_fn, names
-
-
-def _set_checkpoint_classes(overlay: Dict[str, Any], model_name: str) -> None:
-    if 'num_classes' in overlay or model_name.startswith(('hf-hub:', 'local-dir:')):
-        return
-    try:
-        classes = _classifier_classes(unwrap_state_dict(overlay['state_dict']), model_name)
-    except CheckpointMismatchError:  # not a state dict: the checkpoint filter reports it
-        return
-    if classes is not None:
-        overlay['num_classes'] = classes
 
 
 def _classifier_classes(state_dict: Dict[str, torch.Tensor], architecture: str) -> Optional[int]:
@@ -354,15 +357,18 @@ def _fits(filter_fn, state_dict, architecture: str, kwargs: Dict[str, Any]) -> T
 
 
 def convert_checkpoint(family: str, src, dst, model_name: Optional[str] = None, num_classes: Optional[int] = None,
-                       dtype: Optional[torch.dtype] = None, model_kwargs: Optional[Dict[str, Any]] = None
-                       ) -> Tuple[Path, str]:
+                       dtype: Optional[torch.dtype] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                       overwrite: bool = False) -> Tuple[Path, str]:
     """Turn an authors' checkpoint ``src`` (as released) into a Hub-ready folder ``dst``; returns (dst, model name).
 
     ``model_name``: the dynzoo architecture (tag optional) the file holds; without it, every architecture of the
     family is tried and the one whose keys and shapes all fit is taken. ``num_classes`` defaults to the
     checkpoint's classifier size; ``model_kwargs`` describe a configuration the authors trained but dynzoo does not
-    register (e.g. ``dict(n_blocks=10)``).
+    register (e.g. ``dict(n_blocks=10)``). A ``dst`` that exists and is not empty is refused unless ``overwrite``.
     """
+    if Path(dst).exists() and (not Path(dst).is_dir() or any(Path(dst).iterdir())) and not overwrite:
+        raise FileExistsError(f'{dst} exists and is not empty: choose another destination, or overwrite its files '
+                              'with --force (overwrite=True)')
     filter_fn, names = _load_family(family)
     state_dict = unwrap_state_dict(load_checkpoint_file(src))
     if model_name is not None:
@@ -380,7 +386,7 @@ def convert_checkpoint(family: str, src, dst, model_name: Optional[str] = None, 
             kwargs['num_classes'] = classes
         error, distance = _fits(filter_fn, state_dict, architecture, kwargs)
         if error is None:
-            model = timm.create_model(architecture, **kwargs)
+            model = timm.create_model(model_name or architecture, **kwargs)  # the tag's cfg: its paper, licence
             model.load_state_dict(filter_fn(state_dict, model), strict=True)
             name = model_name or architecture
             save_pretrained(model.eval(), dst, model_name=name, dtype=dtype,
@@ -404,6 +410,7 @@ def add_convert_args(parser) -> None:
     parser.add_argument('--dtype', default='float32', choices=('float32', 'float16'), help='storage precision')
     parser.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', default=[],
                         help='constructor arguments of a configuration dynzoo does not register, e.g. n_blocks=10')
+    parser.add_argument('--force', action='store_true', help='write into a destination that is not empty')
 
 
 def run_convert(args) -> int:
@@ -411,7 +418,10 @@ def run_convert(args) -> int:
     model_kwargs = parse_key_values(args.model_kwargs, '--model-kwargs')
     dst, name = convert_checkpoint(args.family, args.src, args.dst, model_name=args.model,
                                    num_classes=args.num_classes, dtype=getattr(torch, args.dtype),
-                                   model_kwargs=model_kwargs)
+                                   model_kwargs=model_kwargs, overwrite=args.force)
+    mirror = os.environ.get(MIRROR_ENV) or f'${MIRROR_ENV}'
+    kwargs = ''.join(f', {k}={v!r}' for k, v in model_kwargs.items())
     print(f"converted {args.src} -> {dst} ({name}); load it with dynzoo.create_model('local-dir:{dst}', "
-          f"pretrained=True), or put the folder in ${MIRROR_ENV}/{HUB_ORG}/{name}/ for create_model('{name}')")
+          f"pretrained=True), or copy the folder to {mirror}/{HUB_ORG}/{name}/ and load it with "
+          f"dynzoo.create_model('{name}', pretrained=True{kwargs})")
     return 0

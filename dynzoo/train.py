@@ -728,12 +728,15 @@ def _epoch_line(entry: Dict[str, Any], config: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m dynzoo.train``: as ``dynzoo train``, a user error is one error line and status 2 (``--debug``:
+    its traceback)."""
+    from .cli import add_debug_arg, run_reporting_user_errors
     parser = argparse.ArgumentParser(prog='python -m dynzoo.train', description=__doc__.split('\n')[0])
     add_train_args(parser)
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     retain_freed_memory()
-    run_train(args)
-    return 0
+    return run_reporting_user_errors(parser.prog, run_train, args)
 
 
 if __name__ == '__main__':

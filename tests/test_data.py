@@ -1,6 +1,8 @@
 """dynzoo.data: packed-JPEG npz decoding, the embedded sample, transform presets, ImageFolder, held-out split."""
 import configparser
 import io
+import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,49 @@ def test_load_cifar_npz_errors(tmp_path):
         data.load_cifar_npz(_packed_npz(tmp_path / 'big.npz', [(0, 0, 0)], [0], size=40), 'test')
     with pytest.raises(ValueError, match='path='):
         data.cifar_dataset('test', source='npz')
+
+
+def _write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def _bytes_file(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+def _npy_file(path, array):
+    with open(path, 'wb') as f:
+        np.save(f, array)
+    return path
+
+
+@pytest.mark.parametrize('make, problem', [
+    (lambda p: _bytes_file(p, b'plain text, not an npz'), 'neither a zip archive of arrays nor an .npy file'),
+    (lambda p: _bytes_file(p, pickle.dumps({'test_jpeg': 1})), 'neither a zip archive of arrays nor an .npy file'),
+    (lambda p: _bytes_file(p, _packed_npz(p.with_name('whole.npz'), [(0, 0, 0)], [0]).read_bytes()[:300]),
+     'neither a zip archive'),  # truncated
+    (lambda p: _npy_file(p, np.zeros(3)), r'a single float64 array of shape \(3,\) \(\.npy\)'),
+    (lambda p: _write_npz(p, test_jpeg=np.array([object()]), test_offsets=np.array([0, 1]),
+                          test_labels=np.array([0])), 'pickled Python objects, which dynzoo never loads'),
+    (lambda p: _write_npz(p, test_jpeg=_jpeg((0, 0, 0)), test_offsets=np.array([0, 10 ** 6]),
+                          test_labels=np.array([0])), r'test_offsets must be rising positions in test_jpeg'),
+    (lambda p: _write_npz(p, test_jpeg=_jpeg((0, 0, 0)), test_offsets=np.array([7, 300]),
+                          test_labels=np.array([0])), r'test image 0 \(bytes 7..300 of test_jpeg\) is not an image'),
+    (lambda p: _write_npz(p, test_jpeg=_jpeg((0, 0, 0)).astype(np.float32), test_offsets=np.array([0, 10]),
+                          test_labels=np.array([0])), 'test_jpeg is a float32 array'),
+    (lambda p: _write_npz(p, images=np.zeros((1, 32, 32, 3), np.uint8)), r"has no test split .*it holds \['images'\]"),
+], ids=['text', 'pickle', 'truncated', 'npy', 'object-arrays', 'offsets-past-the-end', 'offsets-mid-image',
+        'float-bytes', 'other-keys'])
+def test_a_file_that_is_not_a_packed_npz_names_itself_and_the_format(tmp_path, make, problem):
+    path = make(tmp_path / 'bad.npz')
+    with pytest.raises(data.PackedCifarError) as error:
+        data.load_cifar_npz(path, 'test')
+    message = str(error.value)
+    assert message.startswith(str(path)) and 'allow_pickle' not in message
+    assert '_offsets (int, one entry more than images' in message  # the format
+    assert re.search(problem, message), message
 
 
 def test_embedded_sample_balanced_and_small():

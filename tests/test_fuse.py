@@ -1,10 +1,13 @@
 """fuse_conv_bn and optimize_for_inference keep every exit's output, and real early exit on the faster models."""
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import dynzoo
 from timm.layers import freeze_batch_norm_2d
+from dynzoo.data import load_sample
+from dynzoo.evaluate import eval_transform
 from dynzoo.inference import NEVER, early_exit, fit_thresholds, geometric_fractions
 from dynzoo.models import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference, compact_batch
 from dynzoo.models._exits import SPARE_CHANNELS
@@ -212,3 +215,28 @@ def test_pointwise_conv_equals_conv_in_both_memory_formats():
     assert not PointwiseConv.applies_to(nn.Conv2d(8, 5, 1, stride=2))
     assert not PointwiseConv.applies_to(nn.Conv2d(8, 8, 1, groups=2))
     assert not PointwiseConv.applies_to(nn.Conv2d(8, 5, 3))
+
+
+def test_sdpoint_instances_keep_their_stored_batch_norm_statistics():
+    """The shipped SDPoint weights store BN statistics per instance: every instance's logits stay the same."""
+    model = dynzoo.create_model('sdpoint_preresnet_cifar.c10', pretrained=True).eval()
+    images, labels = load_sample()
+    assert len(set(labels[::25].tolist())) == 10
+    transform = eval_transform(model)
+    x = torch.stack([transform(Image.fromarray(image)) for image in images[::25]])
+    fast = optimize_for_inference(model)
+    assert fast.folded_batch_norms == 0 and _num_batch_norms(fast) == _num_batch_norms(model)
+    with torch.no_grad():
+        for instance in model.instances():
+            torch.testing.assert_close(fast(x, instance=instance), model(x, instance=instance), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpoint_without_instance_statistics_is_folded_and_refuses_to_store_them():
+    model = _model_with_running_stats('sdpoint_preresnet_cifar')
+    fused = fuse_conv_bn(model)
+    assert fused.folded_batch_norms == 2  # the projection shortcuts' conv -> BN
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, instance=(3, 0.5)), model(x, instance=(3, 0.5)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match='unfused model'):
+        fused.store_bn_stats((3, 0.5))

@@ -2,6 +2,8 @@
 import argparse
 import json
 import os
+import re
+import shutil
 
 import huggingface_hub.constants
 import pytest
@@ -114,18 +116,6 @@ def test_hf_hub_names_resolve_through_the_hub_cache_offline(tmp_path, monkeypatc
     _assert_same_weights(model, dynzoo.create_model(TAG, pretrained=True, **TINY))  # tag -> hf_hub_id -> cache
 
 
-def test_weights_on_no_local_source_and_no_hub_raise_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.delenv(hub.MIRROR_ENV, raising=False)
-    with pytest.raises(dynzoo.PretrainedWeightsNotFoundError, match=r"'msdnet_step4.in1k'.*dynzoo/msdnet_step4.in1k"
-                       r".*pretrained_cfg_overlay=dict\(file=PATH\).*DYNZOO_HUB_MIRROR/dynzoo/msdnet_step4.in1k/"):
-        dynzoo.create_model('msdnet_step4.in1k', pretrained=True)
-    with pytest.raises(FileNotFoundError, match=r'hf_hub_id=None\) to download the original file \(https://download'):
-        dynzoo.create_model('densenet_bc_121.tv_in1k', pretrained=True)
-
-
 def test_bad_files_raise_clear_errors(tmp_path, monkeypatch, unittest_tag):
     model = _tiny()
     folder = hub.save_pretrained(model, tmp_path / 'dynzoo' / TAG, model_name=TAG, model_card=False)
@@ -191,3 +181,30 @@ def test_convert_authors_checkpoint(tmp_path, capsys):
     with pytest.raises(CheckpointMismatchError, match=r'missing key\(s\): classifier.4.linear.bias'):
         hub.convert_checkpoint('msdnet', tmp_path / 'broken.pth', tmp_path / 'wrong', model_name='msdnet_cifar_lin5')
     assert not (tmp_path / 'wrong').exists()
+
+
+def test_convert_advice_works_and_a_non_empty_destination_needs_force(tmp_path, capsys, monkeypatch):
+    model = _tiny(seed=4)
+    torch.save({'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()}}, tmp_path / 'authors.pth')
+    monkeypatch.setenv(hub.MIRROR_ENV, str(tmp_path / 'mirror'))
+    argv = ['--family', 'msdnet', '--model', 'msdnet_cifar_b7', tmp_path / 'authors.pth', tmp_path / 'out',
+            '--model-kwargs', *[f'{k}={v}' for k, v in TINY.items()]]
+    assert _convert(*argv) == 0
+    advice = re.search(r'copy the folder to (\S+)/ and load it with dynzoo\.create_model\((.*)\)$',
+                       capsys.readouterr().out.strip())
+    shutil.copytree(tmp_path / 'out', advice.group(1))
+    _assert_same_weights(model, eval(f'dynzoo.create_model({advice.group(2)})'))  # the printed call, as printed
+
+    with pytest.raises(FileExistsError, match='--force'):
+        _convert(*argv)
+    assert _convert(*argv, '--force') == 0
+
+
+def test_export_under_another_tag_drops_the_source_tags_claims(tmp_path):
+    model = dynzoo.create_model('msdnet_step4', n_blocks=2, step=1, base=1, channels=4, growth_rate=2)
+    assert model.pretrained_cfg['tag'] == 'l2w_e300_in1k'  # the bare name's default: weights released by others
+    for name, kept in (('msdnet_step4', False), ('msdnet_step4.l2w_e300_in1k', True)):
+        hub.save_pretrained(model, tmp_path / name, model_name=name)
+        cfg = json.loads((tmp_path / name / 'config.json').read_text())['pretrained_cfg']
+        assert ('description' in cfg) == kept and cfg.get('tag') == (name.partition('.')[2] or None)
+        assert ('as reported by the authors' in (tmp_path / name / 'README.md').read_text()) == kept

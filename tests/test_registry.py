@@ -20,12 +20,12 @@ def test_list_models_only_dynzoo():
     assert all(dynzoo.is_dynzoo_model(n) for n in names)
 
 
-def test_pretrained_tags_on_hub_org():
+def test_pretrained_tags():
     tags = dynzoo.list_models('msdnet*', pretrained=True)
-    assert {'msdnet_step4.in1k', 'msdnet_step7.in1k'} <= set(tags)
-    for tag in dynzoo.list_models(pretrained=True):
-        cfg = timm.models.get_pretrained_cfg(tag)
-        assert cfg.hf_hub_id == f'dynzoo/{tag}', tag
+    assert {'msdnet_step4.l2w_e300_in1k', 'msdnet_step7.l2w_e100_in1k', 'msdnet_cifar_b7.c10'} <= set(tags)
+    assert 'msdnet_step4.in1k' not in tags  # the authors' file has no direct link: a tag without a source
+    for tag in dynzoo.list_models('*.c10', pretrained=True):  # dynzoo's own weights keep their Hub id
+        assert timm.models.get_pretrained_cfg(tag).hf_hub_id == f'dynzoo/{tag}', tag
 
 
 def test_create_model_dynzoo_and_timm_agree():

@@ -18,6 +18,8 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ._inputs import check_input_tensor
+
 
 # Attribute (in a tensor's ``__dict__``) naming the larger buffer whose first channels the tensor is a view of, with
 # the right to append channels in place there (MSDNet's ``concat_channels`` under ``optimize_for_inference``).
@@ -100,10 +102,14 @@ class MultiExitNetwork(nn.Module):
         return (height, width) == tuple(self.default_input_size[1:])
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ``ValueError`` that states the expected input unless ``x`` is a batch the network can take."""
+        """Raise an error that states the expected input unless ``x`` is a batch the network can take: a
+        ``TypeError`` for a non-tensor or another dtype than the model's (``check_input_tensor``), a ``ValueError``
+        for a shape it cannot take."""
+        if not torch.jit.is_scripting():
+            check_input_tensor(self, x)
         expected = 'x'.join(str(s) for s in self.default_input_size)
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        if x.dim() != 4:
+            shape = tuple(x.shape)
             expected_shape = ', '.join(map(str, self.default_input_size))
             raise ValueError(
                 f'{type(self).__name__} expects a batch of images of shape (N, {expected_shape}), got {shape}. '

@@ -3,7 +3,7 @@
 matrix products (``optimize_for_inference``)."""
 import copy
 import inspect
-from typing import Iterator, Tuple
+from typing import Iterator, Set, Tuple
 
 import torch
 import torch.fx
@@ -65,6 +65,12 @@ def _traced_pairs(module: nn.Module) -> Iterator[Tuple[str, str]]:
             yield source.target, node.target
 
 
+def _kept_norms(model: nn.Module) -> Set[int]:
+    """Ids of the BatchNorms that a submodule's ``unfoldable_batch_norms()`` asks to keep."""
+    return {id(norm) for module in model.modules() if callable(getattr(module, 'unfoldable_batch_norms', None))
+            for norm in module.unfoldable_batch_norms()}
+
+
 def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every eval-mode ``BatchNorm2d`` that is applied straight to a ``Conv2d``'s output into that convolution
     (``torch.nn.utils.fusion.fuse_conv_bn_eval``: the conv gains a bias, the BatchNorm becomes a ``FoldedBatchNorm``
@@ -75,7 +81,10 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     of the other families) or when ``torch.fx`` traces the parent's ``forward`` and shows ``norm(conv(x))`` with the
     conv output used nowhere else (the ``self.bn1(self.conv1(x))`` of residual blocks whose ``forward`` takes the
     input alone). Modules whose ``forward`` has more arguments (SDPoint's blocks) or cannot be traced (the networks'
-    own ``forward_stage``), and pre-activation BN -> ReLU -> Conv (DenseNet) keep their BatchNorm.
+    own ``forward_stage``), and pre-activation BN -> ReLU -> Conv (DenseNet) keep their BatchNorm. So do the
+    BatchNorms a submodule lists in its ``unfoldable_batch_norms()``: an SDPoint network with stored per-instance
+    statistics (``dynzoo.sdpoint.recalibrate_bn``) swaps them into its BatchNorms for each instance, so folding one
+    set into the convs would be wrong for every other instance.
 
     The fused model is for inference only: its ``state_dict`` keys differ (no BatchNorm entries, conv biases), so
     save and load checkpoints with the unfused model, and it raises if run in training mode. ``model`` must be in
@@ -87,12 +96,13 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
                          '(a fused model is for inference only)')
     if not inplace:
         model = copy.deepcopy(model)
+    kept = _kept_norms(model)
     folded = 0
     for module in list(model.modules()):
         pairs = _sequential_pairs(module) if isinstance(module, nn.Sequential) else _traced_pairs(module)
         for conv_name, norm_name in list(pairs):
             conv, norm = module._modules[conv_name], module._modules[norm_name]
-            if _foldable(conv, norm):
+            if _foldable(conv, norm) and id(norm) not in kept:
                 module._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
                 module._modules[norm_name] = FoldedBatchNorm(norm.num_features).eval()
                 folded += 1

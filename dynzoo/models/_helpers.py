@@ -1,17 +1,25 @@
 """Helpers shared by the model families: checkpoint checking and filtering, default configs (untagged default,
-shipped weights), init."""
+shipped weights, weights released by others), init."""
 import math
 import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Set
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple
 
 import torch
+from timm.models import clean_state_dict
 from torch import nn
 
 
 HUB_ORG = 'dynzoo'
 # Hub folders of the weights shipped inside the package, found with no network.
 PACKAGE_MIRROR = Path(__file__).resolve().parents[1] / 'weights'
+AS_REPORTED = 'as reported by the authors, not re-measured here'
+# Weights released by others: per-exit top-1 (%) as their authors report it, tag -> (dataset, accuracies).
+REPORTED_TOP1: Dict[str, Tuple[str, Tuple[float, ...]]] = {}
+# Weights released only as a file inside a web page or shared folder (no direct download): tag -> the file's name.
+FILE_ONLY: Dict[str, str] = {}
+# The entries of a training checkpoint that hold the weights, in timm's ``load_state_dict`` order of preference.
+STATE_DICT_ENTRIES = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
 
 
 class CheckpointMismatchError(ValueError):
@@ -19,14 +27,29 @@ class CheckpointMismatchError(ValueError):
 
 
 def unwrap_state_dict(checkpoint) -> Dict[str, torch.Tensor]:
-    """The tensors of a checkpoint as the authors save them: a ``{'state_dict': ...}`` dict or a plain state dict,
-    with the ``module.`` prefix that ``nn.DataParallel`` / DDP add removed."""
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get('state_dict'), dict):
-        checkpoint = checkpoint['state_dict']
+    """The tensors of a checkpoint: a plain state dict, or the entry of a training checkpoint that holds one, taken
+    as timm's ``load_state_dict`` takes it (``state_dict_ema``, ``model_ema``, ``state_dict``, then ``model``: the
+    authors' ``{'state_dict': ...}``, dynzoo's trainer's ``last.pth``), with the ``module.`` / ``_orig_mod.``
+    prefixes of DataParallel, DDP and ``torch.compile`` removed by timm's ``clean_state_dict``."""
+    if isinstance(checkpoint, dict):
+        entry = next((k for k in STATE_DICT_ENTRIES if isinstance(checkpoint.get(k), dict)), None)
+        checkpoint = checkpoint[entry] if entry else checkpoint
     if not isinstance(checkpoint, dict):
         raise CheckpointMismatchError(
-            f'expected a state dict (or a dict with a "state_dict" entry), got {type(checkpoint).__name__}')
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in checkpoint.items()}
+            f'expected a state dict (a dict of tensors, or a checkpoint dict with a "state_dict" or "model" entry '
+            f'holding one), got a {type(checkpoint).__name__}: save model.state_dict()')
+    not_tensors = [str(k) for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointMismatchError(
+            f'expected a state dict (a dict of tensors), got a dict with {len(not_tensors)} entries that are not '
+            f'tensors ({_short_list(not_tensors)}) and none of the entries {", ".join(STATE_DICT_ENTRIES)}: '
+            'save model.state_dict()')
+    return clean_state_dict(checkpoint)
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    return ('bool' if tensor.dtype == torch.bool else 'complex' if tensor.is_complex()
+            else 'floating-point' if tensor.is_floating_point() else 'integer')
 
 
 def _short_list(keys, limit: int = 8) -> str:
@@ -51,7 +74,9 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
 
     BatchNorm ``num_batches_tracked`` counters that old (PyTorch < 0.4) checkpoints lack are filled from the model.
     Classifier weights of another class count are left out when the model is built for a different ``num_classes``
-    than its pretrained config (timm then loads the rest and keeps the new heads freshly initialised).
+    than its pretrained config (timm then loads the rest and keeps the new heads freshly initialised). Integer or
+    bool tensors where the model has floating-point ones (and the reverse) are refused: ``load_state_dict`` would
+    cast them.
     """
     expected = model.state_dict()
     skip = {k for k in replaced_classifier_keys(model)
@@ -66,7 +91,9 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     wrong_shape = [
         f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
         for k in expected.keys() & state_dict.keys() if tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong_shape:
+    wrong_kind = [f'{k}: checkpoint {state_dict[k].dtype} vs model {expected[k].dtype}'
+                  for k in expected.keys() & state_dict.keys() if _kind(state_dict[k]) != _kind(expected[k])]
+    if missing or unexpected or wrong_shape or wrong_kind:
         name = type(model).__name__
         problems = []
         if missing:
@@ -75,6 +102,9 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
             problems.append(f'{len(unexpected)} unexpected key(s): {_short_list(unexpected)}')
         if wrong_shape:
             problems.append(f'{len(wrong_shape)} shape mismatch(es): {"; ".join(sorted(wrong_shape)[:6])}')
+        if wrong_kind:
+            problems.append(f'{len(wrong_kind)} tensor(s) of another kind (integer, bool or floating point; loading '
+                            f'would cast them silently): {"; ".join(sorted(wrong_kind)[:6])}')
         hint = ('Check that the checkpoint was trained for this architecture/configuration'
                 + (' and pass the num_classes it was trained with' if any('linear' in s or 'fc' in s or 'classifier' in s
                                                                           for s in wrong_shape) else '')
@@ -98,7 +128,8 @@ def make_checkpoint_filter(convert: Optional[Callable[[Dict[str, torch.Tensor], 
 checkpoint_filter = make_checkpoint_filter()
 
 
-def dynzoo_default_cfgs(default_cfgs: Dict) -> Dict:
+def dynzoo_default_cfgs(default_cfgs: Dict, reported_top1: Optional[Dict[str, Tuple[str, Sequence[float]]]] = None,
+                        file_only: Optional[Dict[str, str]] = None) -> Dict:
     """Finish a family's ``generate_default_cfgs`` result the dynzoo way.
 
     * The untagged config is the default of each architecture that has one: timm makes the first tag with weights
@@ -108,7 +139,18 @@ def dynzoo_default_cfgs(default_cfgs: Dict) -> Dict:
     * A tag whose weights ship in the package (``dynzoo/weights/<name>/``, Hub id ``dynzoo/<name>``) gets that file
       as its ``file``, so ``timm.create_model(name, pretrained=True)`` loads it offline as
       ``dynzoo.create_model`` does (timm drops ``file`` when it exports a config).
+    * ``reported_top1`` (tag -> (dataset, per-exit top-1 %)) of weights released by others goes to
+      ``REPORTED_TOP1`` and to the tag's ``description``, labelled as the authors' numbers; ``file_only`` (tag -> file
+      name) records weights released only inside a web page or shared folder (``FILE_ONLY``; the cfg's
+      ``origin_url`` is that page).
     """
+    for name, (dataset, top1) in (reported_top1 or {}).items():
+        REPORTED_TOP1[name] = (dataset, tuple(top1))
+        arch, _, tag = name.partition('.')
+        default_cfgs[arch].cfgs[tag].description = (
+            f'{dataset} top-1{" per exit" if len(top1) > 1 else ""} {" / ".join(f"{a:.2f}" for a in top1)} (%), '
+            f'{AS_REPORTED}')
+    FILE_ONLY.update(file_only or {})
     for default_cfg in default_cfgs.values():
         if '' in default_cfg.tags:
             default_cfg.tags.remove('')

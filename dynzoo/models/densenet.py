@@ -5,10 +5,10 @@ DenseNet^MC baseline of the MSDNet paper.
 Layouts and outputs follow the reference code, so weights move both ways:
 
 * ImageNet (``densenet_bc_121/161/169/201``): torchvision's ``densenet121/161/169/201``, same ``state_dict`` keys and
-  outputs. torchvision's released files use an old key style inside dense layers (``norm.1.weight``,
-  ``conv.2.weight``, ...); ``checkpoint_filter_fn`` renames those keys, so the files load through
-  ``pretrained_cfg_overlay=dict(file=PATH)``, or ``pretrained=True`` (tag ``tv_in1k``) once the converted weights
-  are on the Hub (``pretrained_cfg_overlay=dict(hf_hub_id=None)`` downloads torchvision's file instead).
+  outputs, and timm's ``densenet*`` has the same keys too. ``pretrained=True`` (tag ``tv_in1k``, the default) loads
+  torchvision's weights from timm's Hub repositories (``timm/densenet121.tv_in1k``, ...), falling back to
+  torchvision's own files, which use an old key style inside dense layers (``norm.1.weight``, ``conv.2.weight``,
+  ...): ``checkpoint_filter_fn`` renames those keys.
   ``densenet_bc_264`` is the (6, 12, 64, 48) network of the memory-efficient report (not in torchvision, no weights).
 * CIFAR (``densenet_bc_100_k12``, ``densenet_bc_250_k24``, ``densenet_bc_190_k40``): gpleiss/efficient_densenet_pytorch
   (3x3 stem without BN or pooling, final norm named ``features.norm_final``). Its ``demo.py`` builds
@@ -34,16 +34,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..data import normalization
 from ._exits import MultiExitNetwork
 from ._helpers import dynzoo_default_cfgs, make_checkpoint_filter
+from ._inputs import check_input_tensor
 
 __all__ = ['DenseNet', 'DenseNetMC', 'DenseLayer', 'checkpoint_filter_fn']
 
-CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 def _needs_batch_stats(norm: nn.BatchNorm2d) -> bool:
@@ -261,6 +260,8 @@ class DenseNet(_DenseFeatures, nn.Module):
         self._init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            check_input_tensor(self, x)
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f'{type(self).__name__} expects a batch of {self.in_chans}-channel images (N, '
                              f'{self.in_chans}, H, W), got shape {tuple(x.shape)}')
@@ -384,32 +385,31 @@ def _create_densenet(variant: str, pretrained: bool = False, **kwargs):
 def _cfg(url: str = '', **kwargs):
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'),
         'first_conv': 'features.conv0', 'classifier': 'classifier',
         'paper_ids': 'arXiv:1608.06993', 'paper_name': 'Densely Connected Convolutional Networks',
         **kwargs,
     }
 
 
-def _tv_cfg(architecture: str, torchvision_file: str):
-    """torchvision's released weights, converted to safetensors under the dynzoo Hub organisation; ``url`` is
-    torchvision's original file (``pretrained_cfg_overlay=dict(hf_hub_id=None)`` downloads that instead)."""
-    return _cfg(url=f'https://download.pytorch.org/models/{torchvision_file}',
-                hf_hub_id=f'dynzoo/{architecture}.tv_in1k', license='bsd-3-clause',
-                origin_url='https://github.com/pytorch/vision')
+def _tv_cfg(timm_name: str, torchvision_file: str):
+    """torchvision's weights: timm's Hub repository (the same tensors as safetensors, and timm's ``densenet*`` has
+    dynzoo's keys), with torchvision's own file as the fallback ``url``."""
+    return _cfg(url=f'https://download.pytorch.org/models/{torchvision_file}', hf_hub_id=f'timm/{timm_name}.tv_in1k',
+                license='bsd-3-clause', origin_url='https://github.com/pytorch/vision')
 
 
 def _cifar_cfg(**kwargs):
     return _cfg(**{'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'crop_pct': 1.0,
-                   'mean': CIFAR10_MEAN, 'std': CIFAR10_STD, 'license': 'mit',
+                   **normalization('densenet_cifar'), 'license': 'mit',
                    'origin_url': 'https://github.com/gpleiss/efficient_densenet_pytorch', **kwargs})
 
 
 default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
-    'densenet_bc_121.tv_in1k': _tv_cfg('densenet_bc_121', 'densenet121-a639ec97.pth'),
-    'densenet_bc_161.tv_in1k': _tv_cfg('densenet_bc_161', 'densenet161-8d451a50.pth'),
-    'densenet_bc_169.tv_in1k': _tv_cfg('densenet_bc_169', 'densenet169-b2777c0a.pth'),
-    'densenet_bc_201.tv_in1k': _tv_cfg('densenet_bc_201', 'densenet201-c1103571.pth'),
+    'densenet_bc_121.tv_in1k': _tv_cfg('densenet121', 'densenet121-a639ec97.pth'),
+    'densenet_bc_161.tv_in1k': _tv_cfg('densenet161', 'densenet161-8d451a50.pth'),
+    'densenet_bc_169.tv_in1k': _tv_cfg('densenet169', 'densenet169-b2777c0a.pth'),
+    'densenet_bc_201.tv_in1k': _tv_cfg('densenet201', 'densenet201-c1103571.pth'),
     'densenet_bc_264': _cfg(),
     'densenet_bc_100_k12': _cifar_cfg(),
     'densenet_bc_100_k12.c10': _cifar_cfg(num_classes=10, hf_hub_id='dynzoo/densenet_bc_100_k12.c10'),
@@ -418,7 +418,8 @@ default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'densenet_bc_100_k12_mc': _cifar_cfg(
         classifier=tuple(f'heads.{k}.fc' for k in range(3)), paper_ids='arXiv:1703.09844',
         paper_name='Multi-Scale Dense Networks for Resource Efficient Image Classification (DenseNet^MC baseline)'),
-}))
+}), reported_top1={f'densenet_bc_{depth}.tv_in1k': ('ImageNet val', (top1,)) for depth, top1 in (
+    (121, 74.43), (161, 77.14), (169, 75.60), (201, 76.90))})
 
 _CIFAR_ARGS = dict(stem='cifar', bn_size=4, compression=0.5)
 

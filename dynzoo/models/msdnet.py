@@ -3,7 +3,10 @@ Classification", ICLR 2018).
 
 The network is the authors' PyTorch port (kalviny/MSDNet-PyTorch, ``models/msdnet.py``) rebuilt from its
 specification: same layers, same ``state_dict`` keys and shapes, same outputs, same parameter counts, so the authors'
-released checkpoints load as they are. Where dynzoo differs:
+released checkpoints load as they are. ImageNet weights: the authors' own (``msdnet_step4.in1k``,
+``msdnet_step7.in1k``: files in a shared folder, loaded with ``file=``) and those released with L2W-DEN (direct
+downloads, ``l2w_e300_in1k`` / ``l2w_e100_in1k``; the 300-epoch ones are the bare names' default). Where dynzoo
+differs:
 
 * ``forward`` returns the list of exit logits like the authors' code, and ``iter_exits`` computes them one block at a
   time so that samples can leave early for real (the authors only simulate early exit);
@@ -14,22 +17,19 @@ released checkpoints load as they are. Where dynzoo differs:
 * wrong input sizes raise a ``ValueError`` up front instead of a shape error inside a head.
 """
 import math
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..data import normalization
 from ._exits import SPARE_CHANNELS, MultiExitNetwork
 from ._fuse import FoldedBatchNorm
-from ._helpers import checkpoint_filter, dynzoo_default_cfgs, init_he_fan_out
+from ._helpers import (CheckpointMismatchError, check_state_dict, dynzoo_default_cfgs, init_he_fan_out,
+                       unwrap_state_dict)
 
-__all__ = ['MSDNet']
-
-CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-
+__all__ = ['MSDNet', 'checkpoint_filter_fn']
 
 class ConvBnAct(nn.Module):
     """Conv (no bias) - BN - ReLU, held in ``net`` as in the authors' key layout."""
@@ -406,10 +406,36 @@ class MSDNet(MultiExitNetwork):
         return f'its exit heads need the coarsest feature map to pool to 1x1: sides {sizes[0]}..{sizes[-1]} work'
 
 
+def _block_sizes(state_dict: Dict[str, torch.Tensor]) -> List[int]:
+    """Modules per block (``blocks.<b>.<i>``), which ``base``, ``step`` and ``n_blocks`` set."""
+    modules: Dict[int, set] = {}
+    for key in state_dict:
+        parts = key.split('.')
+        if parts[0] == 'blocks' and len(parts) > 2:
+            modules.setdefault(int(parts[1]), set()).add(parts[2])
+    return [len(modules[b]) for b in sorted(modules)]
+
+
+def checkpoint_filter_fn(state_dict, model: MSDNet) -> Dict[str, torch.Tensor]:
+    """timm ``pretrained_filter_fn``: unwrap and check strictly. When the checkpoint's blocks hold other module counts
+    than the model's (another ``base`` / ``step``: the L2W-DEN step 6 weights are assumed to use base 6), the error
+    says so."""
+    state_dict = unwrap_state_dict(state_dict)
+    try:
+        return check_state_dict(state_dict, model)
+    except CheckpointMismatchError as e:
+        theirs, ours = _block_sizes(state_dict), _block_sizes(model.state_dict())
+        if theirs == ours:
+            raise
+        raise CheckpointMismatchError(
+            f'{e} Its blocks hold {theirs} modules (stem, layers, transitions), this model\'s {ours}: the checkpoint '
+            'was built with another base, step or n_blocks; build the model with those it was trained with.') from None
+
+
 def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
     return build_model_with_cfg(
         MSDNet, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter,
+        pretrained_filter_fn=checkpoint_filter_fn,
         **kwargs,
     )
 
@@ -417,7 +443,7 @@ def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
 def _cfg(num_exits: int, url: str = '', **kwargs):
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'),
         'first_conv': 'blocks.0.0.layers.0.0',
         'classifier': tuple(f'classifier.{k}.linear' for k in range(num_exits)),
         'license': 'mit', 'paper_ids': 'arXiv:1703.09844', 'paper_name': 'Multi-Scale Dense Networks for Resource '
@@ -427,21 +453,53 @@ def _cfg(num_exits: int, url: str = '', **kwargs):
 
 
 def _cifar_cfg(num_exits: int, **kwargs):
-    kwargs = {'num_classes': 100, 'input_size': (3, 32, 32), 'crop_pct': 1.0, 'mean': CIFAR10_MEAN,
-              'std': CIFAR10_STD, 'first_conv': 'blocks.0.0.layers.0.net.0', **kwargs}
+    kwargs = {'num_classes': 100, 'input_size': (3, 32, 32), 'crop_pct': 1.0, **normalization('msdnet_cifar'),
+              'first_conv': 'blocks.0.0.layers.0.net.0', **kwargs}
     return _cfg(num_exits, **kwargs)
 
 
+# The MSDNet authors' ImageNet weights (kalviny/MSDNet-PyTorch README) sit in a Dropbox shared folder, not behind a
+# direct link: ``file=`` (or the download cache) loads them.
+_DROPBOX_FOLDER = 'https://www.dropbox.com/sh/7p758wfcq4wm6lf/AACU4hFtV1_4UQavexrsSs1Ba?dl=0'
+# "Learning to Weight Samples for Dynamic Early-exiting Networks" (ECCV 2022) released MSDNets trained with its
+# sample weighting (LeapLabTHU/L2W-DEN README), direct downloads. The repository has no licence file: dynzoo links
+# to the files and does not redistribute them.
+_L2W = dict(paper_ids='arXiv:2209.08310', paper_name='Learning to Weight Samples for Dynamic Early-exiting Networks',
+            origin_url='https://github.com/LeapLabTHU/L2W-DEN', license=None)
+_L2W_URLS = {  # (step, epochs) -> Tsinghua Cloud file id; 300 epochs used label smoothing 0.1
+    (4, 100): '469af5c3b186439b84cd', (6, 100): '66e2ed9a4d9241a79602', (7, 100): '0f018f3024c74f2494d2',
+    (4, 300): '496543cfbbc741e380dd', (6, 300): 'af63fdd6418d4cee8eba', (7, 300): 'b1b706e7b7984051b10a',
+}
+_L2W_TOP1 = {
+    (4, 100): (59.54, 67.22, 71.03, 72.33, 73.93), (6, 100): (60.05, 69.13, 73.33, 75.19, 76.30),
+    (7, 100): (59.24, 69.65, 73.94, 75.66, 76.72), (4, 300): (61.64, 67.89, 71.61, 73.82, 75.03),
+    (6, 300): (61.41, 70.70, 74.38, 75.80, 76.66), (7, 300): (60.94, 71.88, 75.13, 76.03, 76.82),
+}
+
+
+def _l2w_name(step: int, epochs: int) -> str:
+    return f'msdnet_step{step}.l2w_e{epochs}_in1k'
+
+
+def _l2w_cfg(step: int, epochs: int):
+    """The URL has no file name (``.../f/<id>/?dl=1``): the cfg's ``(url, file name)`` names the cached file."""
+    url = f'https://cloud.tsinghua.edu.cn/f/{_L2W_URLS[step, epochs]}/?dl=1'
+    return _cfg(5, url=(url, f'{_l2w_name(step, epochs)}.pth.tar'), **_L2W)
+
+
+# Per architecture the best weights come first: the bare name loads them.
 default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
-    'msdnet_step4.in1k': _cfg(5, hf_hub_id='dynzoo/msdnet_step4.in1k'),
-    'msdnet_step6': _cfg(5),
-    'msdnet_step7.in1k': _cfg(5, hf_hub_id='dynzoo/msdnet_step7.in1k'),
+    **{_l2w_name(step, epochs): _l2w_cfg(step, epochs) for step in (4, 6, 7) for epochs in (300, 100)},
+    'msdnet_step4.in1k': _cfg(5, origin_url=_DROPBOX_FOLDER),
+    'msdnet_step7.in1k': _cfg(5, origin_url=_DROPBOX_FOLDER),
     'msdnet_cifar_b7': _cifar_cfg(7),
     'msdnet_cifar_b7.c10': _cifar_cfg(7, num_classes=10, hf_hub_id='dynzoo/msdnet_cifar_b7.c10'),
     'msdnet_cifar_b10': _cifar_cfg(10),
     'msdnet_cifar_lin5': _cifar_cfg(5),
     'msdnet_cifar_lin7': _cifar_cfg(7),
-}))
+}), reported_top1={_l2w_name(*key): ('ImageNet val', top1) for key, top1 in _L2W_TOP1.items()},
+    file_only={'msdnet_step4.in1k': 'msdnet-step=4-block=5.pth.tar',
+               'msdnet_step7.in1k': 'msdnet-step=7-block=5.pth.tar'})
 
 _IMAGENET_ARGS = dict(n_blocks=5, step_mode='even', channels=32, growth_rate=16, gr_factor='1-2-4-4',
                       bn_factor='1-2-4-4', stem='imagenet')

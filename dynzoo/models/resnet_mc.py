@@ -16,13 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..data import normalization
 from ._exits import MultiExitNetwork
 from ._helpers import checkpoint_filter, dynzoo_default_cfgs, init_he_fan_out
 
 __all__ = ['ResNetMC', 'BasicBlock']
-
-CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 class BasicBlock(nn.Module):
@@ -128,7 +126,7 @@ class ResNetMC(MultiExitNetwork):
 def _cfg(**kwargs):
     return {
         'url': '', 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'crop_pct': 1.0,
-        'interpolation': 'bilinear', 'mean': CIFAR10_MEAN, 'std': CIFAR10_STD, 'first_conv': 'stem.0',
+        'interpolation': 'bilinear', **normalization('cifar'), 'first_conv': 'stem.0',
         'classifier': tuple(f'heads.{k}.fc' for k in range(3)),
         'paper_ids': 'arXiv:1703.09844', 'paper_name': 'Multi-Scale Dense Networks for Resource Efficient Image '
         'Classification (ResNet^MC baseline)',
@@ -138,7 +136,7 @@ def _cfg(**kwargs):
 
 default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'resnet_mc_cifar': _cfg(),
-    'resnet_mc_cifar.c10': _cfg(num_classes=10, hf_hub_id='dynzoo/resnet_mc_cifar.c10'),
+    'resnet_mc_cifar.c10': _cfg(num_classes=10, hf_hub_id='dynzoo/resnet_mc_cifar.c10', license='mit'),
 }))
 
 

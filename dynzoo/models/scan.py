@@ -32,16 +32,13 @@ from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 
+from ..data import normalization
 from ._exits import MultiExitNetwork
 from ._helpers import dynzoo_default_cfgs, init_he_fan_out, make_checkpoint_filter
 
 __all__ = ['ScanResNet', 'SepConv']
 
 _logger = logging.getLogger(__name__)
-
-# The normalisation of both authors' training scripts.
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 ADAPTATION_PREFIX = 'adaptation_layers.'
 HEAD_WIDTH = 128  # SCAN's ScalaNet bottleneck width, the same for every depth
@@ -235,10 +232,10 @@ def _create_scan_resnet(variant: str, pretrained: bool = False, **kwargs) -> Sca
     return build_model_with_cfg(ScanResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(**kwargs):
+def _cfg(preset: str, **kwargs):
     return {
         'url': '', 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': None, 'crop_pct': 1.0,
-        'interpolation': 'bilinear', 'mean': CIFAR_MEAN, 'std': CIFAR_STD, 'first_conv': 'conv1',
+        'interpolation': 'bilinear', **normalization(preset), 'first_conv': 'conv1',
         'classifier': ('fc1', 'fc2', 'fc3', 'fc4'),
         **kwargs,
     }
@@ -246,14 +243,14 @@ def _cfg(**kwargs):
 
 def _scan_cfg(**kwargs):
     return _cfg(
-        paper_ids='arXiv:1906.03951',
+        'scan_cifar', paper_ids='arXiv:1906.03951',
         paper_name='SCAN: A Scalable Neural Networks Framework Towards Compact and Efficient Models',
         origin_url='https://github.com/ArchipLab-LinfengZhang/pytorch-scalable-neural-networks', **kwargs)
 
 
 def _byot_cfg():
     return _cfg(
-        paper_ids='doi:10.1109/TPAMI.2021.3067100',
+        'byot_cifar', paper_ids='doi:10.1109/TPAMI.2021.3067100',
         paper_name='Self-Distillation: Towards Efficient and Compact Neural Networks',
         origin_url='https://github.com/ArchipLab-LinfengZhang/pytorch-self-distillation-final')
 
@@ -268,7 +265,7 @@ _DEPTHS = {
 
 default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     **{f'scan_resnet{depth}': _scan_cfg() for depth in _DEPTHS},
-    'scan_resnet18.c10': _scan_cfg(num_classes=10, hf_hub_id='dynzoo/scan_resnet18.c10'),
+    'scan_resnet18.c10': _scan_cfg(num_classes=10, hf_hub_id='dynzoo/scan_resnet18.c10', license='mit'),
     **{f'byot_resnet{depth}': _byot_cfg() for depth in _DEPTHS},
 }))
 

@@ -48,10 +48,11 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Type
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..data import normalization
 from ._helpers import check_state_dict, dynzoo_default_cfgs, init_he_fan_out, unwrap_state_dict
+from ._inputs import check_input_tensor
 
 __all__ = ['SDPointResNet', 'Instance', 'RATIOS', 'sdpoint_checkpoint_filter']
 
@@ -59,8 +60,6 @@ RATIOS = (0.5, 0.75)
 STATS_PREFIX = 'instance_bn_stats.'
 SAMPLING_MODES = ('uniform', 'authors')
 
-CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 class Instance(NamedTuple):
@@ -259,6 +258,17 @@ class InstanceBNStats(nn.Module):
         return f'num_channels={self.num_channels}, instances=[{", ".join(self._buffers)}]'
 
 
+def _check_bn_channels(layers: List[nn.BatchNorm2d], expected: int) -> None:
+    """Per-instance statistics span every BN channel: BatchNorms folded by ``fuse_conv_bn`` (which keeps them once
+    statistics are stored) would shift them."""
+    channels = sum(bn.num_features for bn in layers)
+    if channels != expected:
+        raise RuntimeError(
+            f'per-instance BN statistics span {expected} channels but this model\'s BatchNorms have {channels}: they '
+            'were folded into the convolutions (dynzoo.fuse_conv_bn / optimize_for_inference) before the statistics '
+            'were stored or loaded. Store or load them in the unfused model, then fuse it.')
+
+
 class SDPointResNet(nn.Module):
     """ResNet / ResNeXt / PreResNet with stochastic downsampling points.
 
@@ -374,9 +384,15 @@ class SDPointResNet(nn.Module):
         """Store the current BN running statistics as the statistics of ``instance``."""
         instance = self.check_instance(instance)
         layers = self.bn_layers()
+        _check_bn_channels(layers, self.instance_bn_stats.num_channels)
         means = torch.cat([bn.running_mean for bn in layers])
         stats = torch.stack([means, torch.cat([bn.running_var for bn in layers])])
         self.instance_bn_stats.put(instance.name, stats)
+
+    def unfoldable_batch_norms(self) -> List[nn.BatchNorm2d]:
+        """Every BN layer while per-instance statistics are stored (``dynzoo.models.fuse_conv_bn`` keeps them: they
+        take each instance's statistics in turn), none otherwise."""
+        return self.bn_layers() if len(self.instance_bn_stats._buffers) else []
 
     def bn_stats(self, instance) -> Optional[torch.Tensor]:
         """The stored ``(2, C)`` BN statistics of ``instance``, or None."""
@@ -390,6 +406,7 @@ class SDPointResNet(nn.Module):
     def _bn_stats_of(self, stats: torch.Tensor):
         """Point every BN layer's running statistics at a slice of ``stats`` (no copy), restore them afterwards."""
         layers = self.bn_layers()
+        _check_bn_channels(layers, stats.shape[1])
         saved = [(bn.running_mean, bn.running_var) for bn in layers]
         offset = 0
         for bn in layers:
@@ -423,8 +440,10 @@ class SDPointResNet(nn.Module):
         return self.sample_instance() if self.training else NIL
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        if not torch.jit.is_scripting():
+            check_input_tensor(self, x)
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            shape = tuple(x.shape)
             raise ValueError(
                 f'{type(self).__name__} expects a batch of {self.in_chans}-channel images of shape '
                 f'(N, {", ".join(map(str, self.default_input_size))}), got {shape}.')
@@ -490,7 +509,7 @@ def _create_sdpoint(variant: str, pretrained: bool, model_args: dict, **kwargs) 
 def _cfg(url: str = '', **kwargs):
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'),
         'first_conv': 'conv1', 'classifier': 'fc',
         'license': 'mit', 'paper_ids': 'arXiv:1801.09335', 'paper_name': 'Stochastic Downsampling for Cost-Adjustable '
         'Inference and Improved Regularization in Convolutional Networks',
@@ -514,9 +533,9 @@ default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'sdpoint_preresnet152': _cfg(),
     'sdpoint_preresnet200': _cfg(),
     'sdpoint_preresnet_cifar': _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-                                    mean=CIFAR10_MEAN, std=CIFAR10_STD),
+                                    **normalization('cifar')),
     'sdpoint_preresnet_cifar.c10': _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-                                        mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                                        **normalization('cifar'),
                                         hf_hub_id='dynzoo/sdpoint_preresnet_cifar.c10'),
 }))
 

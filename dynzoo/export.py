@@ -1,0 +1,351 @@
+"""Early exit outside PyTorch: every stage of a multi-exit network, with its exit head, as its own graph.
+
+``export_stages(model, folder)`` writes stage k (``forward_stage(k, ...)`` then ``forward_head(k, ...)``) as one
+graph that takes stage k-1's state tensors (the image for stage 0) and returns its own state tensors and exit k's
+logits, with a dynamic batch dimension: ``stage_k.onnx`` (``torch.export``, then the dynamo ONNX exporter) or
+``stage_k.pt2`` (``torch.export.save``). ``manifest.json`` lists the stages in exit order with their tensor names,
+the input size, the normalisation, the cascade multiply-adds of every exit and the thresholds, when given.
+
+``OnnxEarlyExit(folder)`` runs the ONNX stages with ONNX Runtime and does real batch early exit, as
+``dynzoo.early_exit`` does in PyTorch: later stages run only on the samples still inside. The graphs need only an
+ONNX runtime, the runner numpy and onnxruntime. ONNX needs the ``export`` extra (``pip install dynzoo[export]``:
+onnx, onnxscript, onnxruntime).
+"""
+import argparse
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cli import parse_key_values
+from .factory import create_model
+from .flops import per_exit_macs
+from .models._exits import MultiExitNetwork, flatten_tensors
+
+__all__ = ['FORMATS', 'MANIFEST', 'export_stages', 'max_softmax_exit', 'OnnxEarlyExit', 'OnnxEarlyExitResult']
+
+FORMATS = ('onnx', 'pt2')
+MANIFEST = 'manifest.json'
+EXIT_RULE = 'max softmax probability >= threshold (float32); the last exit takes every remaining sample'
+
+
+def _onnx_missing(modules: Sequence[str]) -> Optional[str]:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return f'{", ".join(missing)} not installed: pip install "dynzoo[export]"' if missing else None
+
+
+class _Stage(nn.Module):
+    """Stage ``k`` and head ``k`` of ``model`` on flat state tensors: returns stage k's state tensors, then the logits.
+    ``structure`` is the nesting of the incoming state (``_structure``)."""
+
+    def __init__(self, model: MultiExitNetwork, k: int, structure):
+        super().__init__()
+        self.model, self.k, self.structure = model, k, structure
+
+    def forward(self, *tensors: torch.Tensor):
+        state = _unflatten(self.structure, iter(tensors))
+        state = self.model.forward_stage(self.k, state)
+        return (*flatten_tensors(state), self.model.forward_head(self.k, state))
+
+
+class _Cascade(nn.Module):
+    """Every stage and head of ``model`` in one graph: returns stage 0's state tensors and logits, then stage 1's..."""
+
+    def __init__(self, model: MultiExitNetwork):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        state, outputs = x, []
+        for k in range(self.model.num_exits):
+            state = self.model.forward_stage(k, state)
+            outputs += [*flatten_tensors(state), self.model.forward_head(k, state)]
+        return tuple(outputs)
+
+
+def _structure(state):
+    """The nesting of a stage state: None for a tensor, else ``(list or tuple, [children])``."""
+    if isinstance(state, torch.Tensor):
+        return None
+    return type(state), [_structure(s) for s in state]
+
+
+def _unflatten(structure, tensors):
+    if structure is None:
+        return next(tensors)
+    kind, children = structure
+    return kind(_unflatten(child, tensors) for child in children)
+
+
+def _check_thresholds(thresholds: Optional[Sequence[float]], num_exits: int) -> Optional[List[float]]:
+    if thresholds is None:
+        return None
+    thresholds = [float(t) for t in thresholds]
+    if len(thresholds) not in (num_exits - 1, num_exits):
+        raise ValueError(f'expected {num_exits} thresholds (or {num_exits - 1}: the last exit takes every remaining '
+                         f'sample), got {len(thresholds)}')
+    return thresholds
+
+
+def _prepare_folder(folder: Path, force: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f'{folder} is a file: export writes a folder of stage graphs and a {MANIFEST}')
+    existing = list(folder.iterdir()) if folder.exists() else []
+    if existing and not force:
+        raise FileExistsError(f'{folder} is not empty: export writes into an empty folder (pass force=True, '
+                              f'--force on the command line, to replace the stage files and {MANIFEST} there)')
+    for path in existing:  # an earlier export's stages would otherwise outlive this one's
+        if path.name == MANIFEST or re.fullmatch(r'stage_\d+\.(onnx|onnx\.data|pt2)', path.name):
+            path.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _export_stage(model: MultiExitNetwork, k: int, example) -> torch.export.ExportedProgram:
+    """``torch.export`` of stage k and head k alone, on the flat tensors of its example input state."""
+    tensors = tuple(flatten_tensors(example))
+    stage = _Stage(model, k, _structure(example)).eval()
+    batch = torch.export.Dim('batch')
+    return torch.export.export(stage, tensors, dynamic_shapes=(tuple({0: batch} for _ in tensors),))
+
+
+def _save_onnx(model: MultiExitNetwork, examples: List, inputs: List[List[str]], outputs: List[List[str]],
+               paths: List[Path], opset_version: Optional[int]) -> None:
+    """Export the whole cascade once (tracing one stage costs about as much as tracing all of them), then cut out
+    each stage's graph between its named inputs and outputs. A stage that needs a value an earlier stage computed
+    and does not pass on (an optimised MSDNet reads the batch size off the image's shape) is traced alone."""
+    import onnx
+    from onnx.utils import Extractor
+
+    def to_onnx(program, input_names, output_names):
+        return torch.onnx.export(program, dynamo=True, input_names=input_names, output_names=output_names,
+                                 opset_version=opset_version, verbose=False).model_proto
+
+    program = torch.export.export(_Cascade(model).eval(), (examples[0],),
+                                  dynamic_shapes=({0: torch.export.Dim('batch')},))
+    extractor = Extractor(to_onnx(program, ['x'], sum(outputs, [])))
+    for k, path in enumerate(paths):
+        stage = extractor.extract_model(inputs[k], outputs[k])
+        try:
+            onnx.checker.check_model(stage)
+        except onnx.checker.ValidationError:
+            stage = to_onnx(_export_stage(model, k, examples[k]), inputs[k], outputs[k])
+            onnx.checker.check_model(stage)
+        onnx.save(stage, str(path))
+
+
+def export_stages(model: MultiExitNetwork, folder: Union[str, Path], format: str = 'onnx',
+                  input_size: Optional[Sequence[int]] = None, thresholds: Optional[Sequence[float]] = None,
+                  force: bool = False, opset_version: Optional[int] = None) -> Dict[str, Any]:
+    """Write every stage of ``model`` (with its exit head) to ``folder`` as ``stage_k.onnx`` or ``stage_k.pt2``, plus
+    ``manifest.json``; returns the manifest.
+
+    ``input_size``: (C, H, W), default the pretrained config's; the graphs take that image size only (the batch
+    size is free). ``thresholds``: one per exit (or one fewer), stored for ``OnnxEarlyExit``. The model must be a
+    multi-exit network in eval mode; ``folder`` must be empty unless ``force`` (then only the stage files and the
+    manifest already there are replaced). Stage tensors are named ``x`` (the image), ``state_k.i`` (the i-th tensor
+    of stage k's state, flattened in order) and ``logits_k``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f'format must be one of {FORMATS}, got {format!r}')
+    if not isinstance(model, MultiExitNetwork):
+        raise ValueError(f'export writes the stages of a multi-exit model (MSDNet, SCAN / BYOT, *_mc); '
+                         f'{type(model).__name__} has one exit: export it whole with torch.onnx.export or '
+                         'torch.export')
+    if model.training:
+        raise ValueError('export needs the model in eval mode (batch norm would use batch statistics): call '
+                         'model.eval() first')
+    missing = _onnx_missing(['onnx', 'onnxscript']) if format == 'onnx' else None
+    if missing:
+        raise ImportError(f'ONNX export needs onnx and onnxscript; {missing}')
+    num_exits = model.num_exits
+    thresholds = _check_thresholds(thresholds, num_exits)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    input_size = tuple(int(s) for s in (input_size or cfg.get('input_size') or model.default_input_size))
+    if len(input_size) != 3:
+        raise ValueError(f'input_size must be (channels, height, width), got {input_size}')
+    param = next(model.parameters())
+    # Batch 2: torch.export specialises a dimension traced at size 1.
+    x = torch.zeros(2, *input_size, dtype=param.dtype, device=param.device)
+    model.check_input(x)
+    folder = Path(folder)
+    _prepare_folder(folder, force)
+    macs = per_exit_macs(model, input_size=input_size, scope='cascade')
+
+    # Each stage's example input state (plain tensors: an optimised MSDNet's maps are views of larger buffers) and
+    # the names of its input and output tensors.
+    examples, outputs = [x], []
+    with torch.no_grad():
+        for k in range(num_exits):
+            state = model.forward_stage(k, examples[-1])
+            tensors = [t.clone() for t in flatten_tensors(state)]
+            examples.append(_unflatten(_structure(state), iter(tensors)))
+            outputs.append([f'state_{k}.{i}' for i in range(len(tensors))] + [f'logits_{k}'])
+    inputs = [['x']] + [names[:-1] for names in outputs[:-1]]
+    files = [f'stage_{k}.{format}' for k in range(num_exits)]
+    if format == 'pt2':
+        for k, file in enumerate(files):
+            torch.export.save(_export_stage(model, k, examples[k]), str(folder / file))
+    else:
+        _save_onnx(model, examples, inputs, outputs, [folder / f for f in files], opset_version)
+    stages = [dict(exit=k, file=files[k], inputs=inputs[k], outputs=outputs[k], macs=int(macs[k]))
+              for k in range(num_exits)]
+
+    tag = cfg.get('tag')
+    manifest = dict(
+        format=format,
+        model=f"{cfg['architecture']}.{tag}" if cfg.get('architecture') and tag else cfg.get('architecture'),
+        num_exits=num_exits,
+        num_classes=getattr(model, 'num_classes', None),
+        input_size=list(input_size),
+        mean=list(cfg.get('mean', ())) or None,
+        std=list(cfg.get('std', ())) or None,
+        macs=[int(m) for m in macs],
+        macs_scope='cascade',
+        exit_rule=EXIT_RULE,
+        stages=stages,
+    )
+    if thresholds is not None:
+        manifest['thresholds'] = thresholds
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
+    return manifest
+
+
+def max_softmax_exit(logits: np.ndarray, threshold: float) -> Tuple[np.ndarray, np.ndarray]:
+    """MSDNet's exit rule at one exit, on numpy logits (N x C): which samples leave (max softmax probability
+    ``>= threshold``, compared in float32 as ``dynzoo.early_exit`` compares it) and the class each predicts."""
+    logits = np.asarray(logits, dtype=np.float32)
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    return probabilities.max(axis=1) >= np.float32(threshold), probabilities.argmax(axis=1)
+
+
+@dataclass
+class OnnxEarlyExitResult:
+    """Per-sample outcome of ``OnnxEarlyExit``: the class and the 0-based exit that answered, how many samples ran
+    each stage, and the multiply-adds spent (from the manifest's cascade per-exit costs)."""
+    predictions: np.ndarray
+    exits: np.ndarray
+    samples_per_stage: List[int]
+    macs: float
+
+
+class OnnxEarlyExit:
+    """Batch early exit over the ONNX stages that ``export_stages`` wrote, with ONNX Runtime.
+
+    ``runner(x)`` (``x``: a float32 numpy batch, normalised as the manifest's mean/std say) runs stage 0 on the whole
+    batch, lets every sample whose exit fires leave (``max_softmax_exit``; the last exit takes every remaining
+    sample) and runs each later stage only on the samples still inside: the same predictions and exits as
+    ``dynzoo.early_exit(model, x, thresholds)``, except that a sample whose confidence lies within float rounding of
+    a threshold may leave one exit apart (ONNX Runtime's kernels round differently from PyTorch's). ``thresholds``
+    default to the manifest's. ``threads`` sets ONNX Runtime's intra-op threads (default: its own choice).
+    """
+
+    def __init__(self, folder: Union[str, Path], thresholds: Optional[Sequence[float]] = None,
+                 threads: Optional[int] = None, providers: Sequence[str] = ('CPUExecutionProvider',)):
+        folder = Path(folder)
+        if not (folder / MANIFEST).is_file():
+            raise FileNotFoundError(f'{folder} holds no {MANIFEST}: write one with dynzoo.export.export_stages or '
+                                    '`dynzoo export NAME --format onnx --out DIR`')
+        self.manifest = json.loads((folder / MANIFEST).read_text())
+        if self.manifest['format'] != 'onnx':
+            raise ValueError(f'{folder} holds {self.manifest["format"]} stages; OnnxEarlyExit runs ONNX ones '
+                             '(export with format="onnx")')
+        missing = _onnx_missing(['onnxruntime'])
+        if missing:
+            raise ImportError(f'OnnxEarlyExit needs onnxruntime; {missing}')
+        import onnxruntime
+
+        self.num_exits = self.manifest['num_exits']
+        self.input_size = tuple(self.manifest['input_size'])
+        self.thresholds = _check_thresholds(
+            self.manifest.get('thresholds') if thresholds is None else thresholds, self.num_exits)
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.stages = self.manifest['stages']
+        self.sessions = [onnxruntime.InferenceSession(str(folder / stage['file']), options, providers=list(providers))
+                         for stage in self.stages]
+        self.stage_macs = np.diff(self.manifest['macs'], prepend=0).tolist()
+
+    def _check_input(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[1:] != self.input_size:
+            raise ValueError(f'the exported stages take batches of shape (N, {", ".join(map(str, self.input_size))}), '
+                             f'got {x.shape}')
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def run_stage(self, k: int, state: Sequence[np.ndarray]) -> Tuple[List[np.ndarray], np.ndarray]:
+        """Stage k and exit k on stage k-1's state tensors (``[x]`` for stage 0): ``(state, logits)``."""
+        stage = self.stages[k]
+        outputs = self.sessions[k].run(None, dict(zip(stage['inputs'], state)))
+        return outputs[:-1], outputs[-1]
+
+    def all_exits(self, x) -> List[np.ndarray]:
+        """Every exit's logits for the whole batch, shallow first (as ``model(x)``)."""
+        state, logits = [self._check_input(x)], []
+        for k in range(self.num_exits):
+            state, exit_logits = self.run_stage(k, state)
+            logits.append(exit_logits)
+        return logits
+
+    def __call__(self, x, thresholds: Optional[Sequence[float]] = None) -> OnnxEarlyExitResult:
+        thresholds = self.thresholds if thresholds is None else _check_thresholds(thresholds, self.num_exits)
+        if thresholds is None:
+            raise ValueError('no thresholds: pass them to OnnxEarlyExit(folder, thresholds) or to the call, or export '
+                             'with thresholds=...')
+        state = [self._check_input(x)]
+        num_samples = state[0].shape[0]
+        predictions = np.full(num_samples, -1, dtype=np.int64)
+        exits = np.full(num_samples, -1, dtype=np.int64)
+        inside = np.arange(num_samples)
+        samples_per_stage = []
+        thresholds = [*thresholds, -np.inf][:self.num_exits]
+        for k in range(self.num_exits):
+            samples_per_stage.append(len(inside))
+            state, logits = self.run_stage(k, state)
+            passed, prediction = max_softmax_exit(logits, thresholds[k])
+            if k == self.num_exits - 1:
+                passed = np.ones_like(passed)
+            predictions[inside[passed]], exits[inside[passed]] = prediction[passed], k
+            if passed.all():
+                break
+            if passed.any():
+                keep = ~passed
+                inside = inside[keep]
+                state = [s[keep] for s in state]
+        macs = float(sum(n * c for n, c in zip(samples_per_stage, self.stage_macs)))
+        return OnnxEarlyExitResult(predictions, exits, samples_per_stage, macs)
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    """``dynzoo export NAME --format onnx|pt2 --out DIR [--pretrained] [--thresholds T ...] [--force]``."""
+    parser.add_argument('model', help='dynzoo model name (multi-exit), e.g. msdnet_cifar_b7.c10')
+    parser.add_argument('--format', default='onnx', choices=FORMATS, help='ONNX (for OnnxEarlyExit) or torch.export')
+    parser.add_argument('--out', required=True, help='output folder (must be empty unless --force)')
+    parser.add_argument('--pretrained', action='store_true', help='load the trained weights')
+    parser.add_argument('--thresholds', type=float, nargs='+', default=None,
+                        help='exit thresholds stored in the manifest (one per exit, or one fewer)')
+    parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                        help="image size the graphs take (default: the model's)")
+    parser.add_argument('--force', action='store_true', help='replace the stage files and manifest in --out')
+    parser.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', default=[],
+                        help='constructor arguments, e.g. n_blocks=3')
+
+
+def run_export(args) -> int:
+    """Handler of ``dynzoo export``: prints what was written."""
+    model = create_model(args.model, pretrained=args.pretrained,
+                         **parse_key_values(args.model_kwargs, '--model-kwargs')).eval()
+    manifest = export_stages(model, args.out, format=args.format, input_size=args.input_size,
+                             thresholds=args.thresholds, force=args.force)
+    files = ', '.join(stage['file'] for stage in manifest['stages'])
+    print(f'exported {args.model} ({manifest["num_exits"]} exits, input {"x".join(map(str, manifest["input_size"]))}) '
+          f'to {args.out}: {files}, {MANIFEST}')
+    return 0
