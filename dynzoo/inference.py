@@ -199,19 +199,22 @@ def _keep_rows(memory, keep: torch.Tensor):
     return type(memory)(_keep_rows(m, keep) for m in memory)
 
 
-def _answer(predictions: torch.Tensor, exits: torch.Tensor, flagged: List[int], rows: Optional[torch.Tensor],
-            prediction: torch.Tensor, k: int, logits: torch.Tensor) -> None:
-    """Record that the samples at batch positions ``rows`` (None: all) leave at exit ``k`` with ``prediction``,
-    answered by ``logits``; add those whose logits are not finite to ``flagged``."""
+def _answer(answers, flagged: List[int], rows: Optional[torch.Tensor], prediction: torch.Tensor, k: int,
+            logits: torch.Tensor, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Record that the samples at batch positions ``rows`` leave at exit ``k`` with ``prediction``, answered by
+    ``logits``; ``rows`` None: every sample, none of which left before (``answers`` is None then). Returns the
+    predictions and exits (``answers``, updated, or new tensors) and adds the samples whose logits are not finite to
+    ``flagged``."""
     maxima = logits.amax(1).tolist()
     if rows is None:
-        predictions.copy_(prediction)
-        exits.fill_(k)
         flagged += [i for i, m in enumerate(maxima) if not math.isfinite(m)]
-    else:
-        predictions[rows], exits[rows] = prediction, k
-        if not all(map(math.isfinite, maxima)):
-            flagged += [i for i, m in zip(rows.tolist(), maxima) if not math.isfinite(m)]
+        predictions = torch.empty(len(maxima), dtype=torch.long, device=device).copy_(prediction)
+        return predictions, torch.full((len(maxima),), k, dtype=torch.long, device=device)
+    predictions, exits = answers
+    predictions[rows], exits[rows] = prediction, k
+    if not all(map(math.isfinite, maxima)):
+        flagged += [i for i, m in zip(rows.tolist(), maxima) if not math.isfinite(m)]
+    return predictions, exits
 
 
 def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits: int, num_samples: int,
@@ -223,14 +226,13 @@ def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits
     next exit. Returns predictions, exits, samples per stage and non-finite flags; ``.macs`` is left to the caller.
     """
     rule.check(num_exits)
-    predictions = torch.full((num_samples,), -1, dtype=torch.long, device=device)
-    exits = torch.full((num_samples,), -1, dtype=torch.long, device=device)
-    nonfinite = torch.zeros(num_samples, dtype=torch.bool, device=device)
     # Right after a stage, each small tensor op costs many times what it costs alone (the stage has evicted it from
     # the caches): at batch 1 the bookkeeping between exits sums to a visible share of a stage. So it runs few ops:
     # counts and finiteness are read from Python lists, ``inside`` (the batch positions of the samples still inside,
-    # in order) stays None while all are, and nothing is indexed at an exit that no sample leaves.
-    inside, remaining = None, num_samples
+    # in order) and ``answers`` (predictions and exits) wait until the first samples leave, and nothing is indexed
+    # at an exit that no sample leaves.
+    inside = answers = None
+    remaining = num_samples
     flagged = []  # batch positions whose answering logits hold a NaN or +Inf, or are all -Inf
     logit_sum = memory = None
     samples_per_stage = []
@@ -244,14 +246,16 @@ def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits
                 logit_sum = logits.float() if logit_sum is None else logit_sum + logits.float()
             leaving = remaining if last and rule.fallback == 'last' else sum(leave.tolist())
             if leaving == remaining:
-                _answer(predictions, exits, flagged, inside, prediction, k, logits)
+                answers = _answer(answers, flagged, inside, prediction, k, logits, device)
                 remaining = 0
                 break
             keep = None
             if leaving:
                 if inside is None:
                     inside = torch.arange(num_samples, device=device)
-                _answer(predictions, exits, flagged, inside[leave], prediction[leave], k, logits[leave])
+                    unanswered = torch.full((num_samples,), -1, dtype=torch.long, device=device)
+                    answers = unanswered, unanswered.clone()  # predictions, exits
+                answers = _answer(answers, flagged, inside[leave], prediction[leave], k, logits[leave], device)
                 keep = torch.nonzero(~leave).squeeze(1)
                 inside, remaining = inside[keep], remaining - leaving
                 memory, logit_sum = _keep_rows(memory, keep), _keep_rows(logit_sum, keep)
@@ -261,7 +265,9 @@ def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits
     finally:
         exit_logits.close()
     if remaining:
-        _answer(predictions, exits, flagged, inside, logit_sum.argmax(1), num_exits, logit_sum)
+        answers = _answer(answers, flagged, inside, logit_sum.argmax(1), num_exits, logit_sum, device)
+    predictions, exits = answers
+    nonfinite = torch.zeros(num_samples, dtype=torch.bool, device=device)
     if flagged:
         flagged.sort()
         nonfinite[flagged] = True
