@@ -148,8 +148,11 @@ def _eval_trainers_last_pth():
 
 
 def _resume_from_garbage():
-    return train.main(['--model', 'msdnet_cifar_lin5', '--dataset', 'synthetic', '--output', str(_ckpt_tmp() / 'run'),
-                       '--resume', str(_garbage(b'\x80\x02h\x00.')), '--no-progress'])
+    parser = argparse.ArgumentParser()
+    train.add_train_args(parser)
+    return train.run_train(parser.parse_args([
+        '--model', 'msdnet_cifar_lin5', '--dataset', 'synthetic', '--output', str(_ckpt_tmp() / 'run'),
+        '--resume', str(_garbage(b'\x80\x02h\x00.')), '--no-progress']))
 
 
 def _export_killed_while_writing():

@@ -397,10 +397,3 @@ def test_weights_command_lists_every_tag_with_its_source(capsys):
     assert 'file only' in rows['msdnet_step4.in1k']
     assert main(['weights', 'scan*']) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:-1]] == ['scan_resnet18.c10']
-
-
-def test_readme_released_weights_table_matches_the_reported_accuracy():
-    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
-    rows = {m.group(1): [float(v) for v in m.group(2).split('|') if v.strip()]
-            for m in re.finditer(r'^\| `([\w.]+)` \| [^|]+ \|((?: *[\d.]* *\|)+)$', readme, re.M)}
-    assert rows == {name: list(top1) for name, (_, top1) in REPORTED_TOP1.items()}

@@ -14,6 +14,7 @@ import dynzoo
 from dynzoo.data import cifar_dataset
 from dynzoo.evaluate import collect_logits, eval_transform
 from dynzoo.hub import PACKAGE_MIRROR
+from dynzoo.models._helpers import REPORTED_TOP1
 
 SHIPPED = sorted(p.name for p in PACKAGE_MIRROR.iterdir() if (p / 'model.safetensors').is_file())
 # The sample has 1,000 images: one standard error of an accuracy near 90% is about 1 point.
@@ -59,12 +60,27 @@ def test_timm_create_model_loads_shipped_weights_offline(monkeypatch):
     assert all(torch.equal(through_timm[k], v.float()) for k, v in stored.items())
 
 
-def test_readme_weights_table_matches_the_cards():
-    """Every shipped checkpoint has a row in the README's trained-weights table with its card's top-1 per exit."""
+def _readme_weights_table():
+    """``{weights: (top-1 per exit, cascade MMACs per exit or None, source)}`` from the README's weights table."""
     readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
-    rows = {m.group(1): [float(v) for v in m.group(2).split('|') if v.strip()]
-            for m in re.finditer(r'^\| `([\w.]+)` \([\d.]+M params\) \| top-1 \(%\) \|(.*)\|$', readme, re.M)}
+    numbers = lambda cell: [float(v) for v in cell.split('/')]
+    return {m.group(1): (numbers(m.group(2)), numbers(m.group(3)) if m.group(3)[0].isdigit() else None, m.group(4))
+            for m in re.finditer(r'^\| `([\w.]+)` \| ([\d. /]+) \| ([^|]+) \| ([^|]+) \|$', readme, re.M)}
+
+
+def test_readme_weights_table_matches_the_cards():
+    """Every shipped checkpoint has a row in the README's weights table with its card's top-1 and MACs per exit."""
+    rows = {name: row for name, row in _readme_weights_table().items() if row[2].startswith('trained here')}
     assert set(rows) == set(SHIPPED)
-    for name, top1 in rows.items():
+    for name, (top1, mmacs, _) in rows.items():
         card = json.loads((PACKAGE_MIRROR / name / 'config.json').read_text())['dynzoo']
         assert top1 == card['per_exit_accuracy'], name
+        assert mmacs == [round(m / 1e6, 2) for m in card['per_exit_macs']], name
+
+
+def test_readme_weights_table_gives_the_reported_accuracy_of_released_weights():
+    rows = {name: row for name, row in _readme_weights_table().items() if row[2].startswith('reported')}
+    assert {name: top1 for name, (top1, _, _) in rows.items()} == {
+        name: list(top1) for name, (_, top1) in REPORTED_TOP1.items()}
+    for name, (top1, mmacs, _) in rows.items():
+        assert len(mmacs) == len(top1), name
