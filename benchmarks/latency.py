@@ -17,8 +17,9 @@ different exits, the mean time over the mean time of the full forward, next to t
 random for the others (timings hold, exits at a threshold do not). ``--clock cpu`` times with the process's CPU time,
 which time slices lost to other processes do not inflate (one thread).
 
-When ``dynzoo.export`` is importable (the ONNX export, with onnxruntime), ``onnx_timers`` exports the model's stages
-and times ONNX Runtime's runner next to PyTorch (``--onnx off`` skips it).
+``onnx_timers`` exports the model's stages (``dynzoo.export``) and times ONNX Runtime's runner next to PyTorch, when
+the export and onnxruntime are there (``pip install dynzoo[export]``); otherwise a note says why it was skipped
+(``--onnx off`` skips it always).
 
     python benchmarks/latency.py --clock cpu
 """
