@@ -13,9 +13,9 @@ touches every variant alike):
 
 Tables give the median and 95th-percentile latency, each exit's share of the full forward's MACs (fvcore cascade:
 stages and heads 1..k) and its share of the full forward's median time; at a threshold, where images leave at
-different exits, the mean time over the mean time of the full forward, next to the mean MACs share. Weights: shipped ones for the ``.c10`` models,
-random for the others (timings hold, exits at a threshold do not). ``--clock cpu`` times with the process's CPU time,
-which time slices lost to other processes do not inflate (one thread).
+different exits, the mean time over the mean time of the full forward, next to the mean MACs share. Weights: shipped
+ones for the ``.c10`` models, random for the others (timings hold, exits at a threshold do not). ``--clock cpu``
+times with the process's CPU time, which time slices lost to other processes do not inflate (one thread).
 
 ``onnx_timers`` exports the model's stages (``dynzoo.export``) and times ONNX Runtime's runner next to PyTorch, when
 the export and onnxruntime are there (``pip install dynzoo[export]``); otherwise a note says why it was skipped
