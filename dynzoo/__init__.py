@@ -8,6 +8,7 @@ from .sdpoint import instance_flops, instance_macs
 from .hub import CheckpointFileError, push_to_hub, save_pretrained
 from .inference import early_exit, evaluate_budgeted, fit_thresholds
 from .evaluate import evaluate_anytime
+from .policies import ExitPolicy, expected_calibration_error, fit_temperatures, fit_to_budget
 from .models import fuse_conv_bn, optimize_for_inference
 
 __version__ = '0.1.0'

@@ -21,8 +21,9 @@ from .cli import positive_int
 from .data import CIFAR_NUM_CLASSES, cifar_dataset, holdout_indices
 from .factory import create_model
 from .flops import MacsRow, per_exit_macs, per_exit_params, per_exit_table
-from .inference import early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions
+from .inference import early_exit, evaluate_budgeted, geometric_fractions
 from .models import MultiExitNetwork
+from .policies import CRITERIA, ExitPolicy, fit_temperatures, fit_to_budget
 
 __all__ = ['ResultTable', 'check_labels', 'collect_logits', 'evaluate_anytime', 'eval_transform', 'add_bench_args',
            'run_bench', 'add_eval_args', 'run_eval']
@@ -324,7 +325,21 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--q', type=float, nargs='+', default=[0.25, 0.5, 1.0, 2.0],
                         help='early-exit: geometric exit distributions to fit thresholds for')
     parser.add_argument('--thresholds', type=float, nargs='+', default=None,
-                        help='early-exit: explicit per-exit thresholds instead of --q')
+                        help='early-exit: explicit per-exit thresholds instead of --q (for --policy entropy: minus '
+                             'the entropy bound; for patience: whole numbers >= 1)')
+    parser.add_argument('--budget', type=float, nargs='+', default=None,
+                        help='early-exit: fit thresholds to these mean MACs per image on the held-out images '
+                             'instead of --q')
+    group = parser.add_argument_group('exit policy (budget and early-exit modes)')
+    group.add_argument('--policy', choices=CRITERIA, default='max_prob',
+                       help='exit criterion: max softmax probability (MSDNet, SCAN), entropy (BranchyNet), top-2 '
+                            'margin, or patience (PABEE: consecutive exits that agree)')
+    calibration = group.add_mutually_exclusive_group()
+    calibration.add_argument('--temperature', type=float, nargs='+', default=None,
+                             help='divide exit k\'s logits by this temperature before the criterion (one value for '
+                                  'every exit, or one per exit)')
+    calibration.add_argument('--calibrate', action='store_true',
+                             help='fit one temperature per exit on the held-out images (minimum NLL) first')
     _add_common_args(parser)
     return parser
 
@@ -355,45 +370,70 @@ def run_eval(args) -> List[ResultTable]:
     return tables
 
 
+def _policy(args, num_exits: int, val_logits=None, val_labels=None) -> ExitPolicy:
+    """The ``--policy`` criterion with ``--temperature`` (one for all exits or one per exit), or temperatures fitted
+    on the held-out logits (``--calibrate``); no thresholds yet."""
+    temperatures = args.temperature
+    if temperatures is not None and len(temperatures) == 1:
+        temperatures = temperatures * num_exits
+    if args.calibrate:
+        if val_logits is None:
+            raise ValueError('--calibrate fits temperatures on held-out images: use it with --q or --budget, or give '
+                             '--temperature with --thresholds')
+        temperatures = fit_temperatures(val_logits, val_labels)
+    return ExitPolicy(args.policy, temperatures=temperatures)
+
+
+def _policy_meta(policy: ExitPolicy) -> Dict:
+    return dict(policy=policy.criterion, temperatures=policy.temperatures)
+
+
 def _eval_budget(model, args, transform) -> ResultTable:
     heldout, test = _split_heldout_test(args, transform, args.holdout)
     val_logits, val_labels = collect_logits(model, _loader(heldout, args), progress=True)
     test_logits, test_labels = collect_logits(model, _loader(test, args), progress=True)
     macs = per_exit_macs(model, scope='cascade')
-    rows = evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, macs)
+    policy = _policy(args, model.num_exits, val_logits, val_labels)
+    rows = evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, macs, policy=policy)
     rows = [dict(q=r['q'], accuracy=r['accuracy'], expected_macs=r['expected_macs'],
                  exit_fractions=r['exit_fractions'], thresholds=r['thresholds']) for r in rows]
     name = _model_name(model)
-    return ResultTable(f'budgeted batch: {name}, thresholds on {len(val_labels)} held-out, {len(test_labels)} test',
-                       rows, x='expected_macs', y='accuracy', meta=dict(model=name, macs_cascade=macs))
+    return ResultTable(f'budgeted batch: {name}, {args.policy}, thresholds on {len(val_labels)} held-out, '
+                       f'{len(test_labels)} test', rows, x='expected_macs', y='accuracy',
+                       meta=dict(model=name, macs_cascade=macs, **_policy_meta(policy)))
 
 
 def _eval_early_exit(model, args, transform) -> ResultTable:
     macs = per_exit_macs(model, scope='cascade')
     if args.thresholds is not None:
         test = _limited(_dataset(args, 'test', transform), args.limit)
-        points = [('given', args.thresholds)]
+        policy = _policy(args, model.num_exits)
+        points = [('given', policy.with_thresholds(args.thresholds))]
     else:
         heldout, test = _split_heldout_test(args, transform, args.holdout)
-        val_logits, _ = collect_logits(model, _loader(heldout, args), progress=True)
-        points = [(q, fit_thresholds(val_logits, geometric_fractions(q, model.num_exits))) for q in args.q]
+        val_logits, val_labels = collect_logits(model, _loader(heldout, args), progress=True)
+        policy = _policy(args, model.num_exits, val_logits, val_labels)
+        if args.budget is not None:
+            points = [(f'budget {b:g}', fit_to_budget(val_logits, macs, b, policy)) for b in args.budget]
+        else:
+            points = [(q, policy.fit(val_logits, geometric_fractions(q, model.num_exits))) for q in args.q]
     loader = _loader(test, args)
     rows = []
     with torch.no_grad():
-        for q, thresholds in points:
+        for q, rule in points:
             correct, spent, seen, elapsed = 0, 0.0, 0, 0.0
             exit_counts = torch.zeros(model.num_exits, dtype=torch.long)
             for images, labels in tqdm(loader, desc=f'early exit q={q}', leave=False):
                 labels = check_labels(labels, len(images), model.num_classes)
                 start = time.perf_counter()
-                result = early_exit(model, images.to(_device_of(model)), thresholds)
+                result = early_exit(model, images.to(_device_of(model)), rule)
                 elapsed += time.perf_counter() - start
                 correct += (result.predictions.cpu() == labels).sum().item()
                 spent, seen = spent + result.macs, seen + len(labels)
                 exit_counts += torch.bincount(result.exits.cpu(), minlength=model.num_exits)
             rows.append(dict(q=q, accuracy=correct / seen, mean_macs=spent / seen, macs_ratio=spent / seen / macs[-1],
                              exit_fractions=(exit_counts.double() / seen).tolist(), seconds=elapsed,
-                             thresholds=list(thresholds)))
+                             thresholds=list(rule.thresholds)))
     name = _model_name(model)
-    return ResultTable(f'real early exit: {name} on {len(test)} images', rows, x='mean_macs', y='accuracy',
-                       meta=dict(model=name, macs_cascade=macs))
+    return ResultTable(f'real early exit: {name}, {args.policy}, on {len(test)} images', rows, x='mean_macs',
+                       y='accuracy', meta=dict(model=name, macs_cascade=macs, **_policy_meta(policy)))

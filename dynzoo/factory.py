@@ -63,15 +63,14 @@ def create_model(
     _check_name(model_name)
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
-    if pretrained:
+    if pretrained and model_name.startswith(('hf-hub:', 'local-dir:')):
+        # timm reads such a name's config before the family's builder (which resolves the registered names' weights
+        # for dynzoo and timm alike): a mirror must replace the Hub here
         model_name, pretrained_cfg_overlay = resolve_pretrained_source(model_name, pretrained_cfg_overlay)
     try:
-        model = timm.create_model(model_name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay,
-                                  **kwargs)
-    except HUB_ERRORS as e:  # the Hub repository could not be read: the URL, if any, is the fallback
+        return timm.create_model(model_name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay,
+                                 **kwargs)
+    except HUB_ERRORS as e:  # an hf-hub: repository could not be read: the URL, if any, is the fallback
         pretrained_cfg_overlay = url_source(model_name, pretrained_cfg_overlay, hub_error=e)
-        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=pretrained_cfg_overlay,
-                                  **kwargs)
-    if isinstance(getattr(model, 'pretrained_cfg', None), dict):
-        model.pretrained_cfg.pop('state_dict', None)  # mirrored weights were passed in memory: do not keep a copy
-    return model
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=pretrained_cfg_overlay,
+                                 **kwargs)

@@ -6,8 +6,9 @@
 * ``mirror_folder(name)``: the local Hub-layout folder of a name's weights, in the directory named by the
   environment variable ``DYNZOO_HUB_MIRROR`` (``<mirror>/<org>/<repo>/model.safetensors`` and ``config.json``) or
   among the weights shipped in this package (``dynzoo/weights/<architecture>.<tag>/``, the ``dynzoo`` organisation
-  only). ``dynzoo.pretrained`` looks there before the Hub and URLs. ``timm.create_model`` (after ``import dynzoo``)
-  finds the shipped weights too, through the configs' ``file``, but not the ``DYNZOO_HUB_MIRROR`` directory.
+  only). ``dynzoo.pretrained`` looks there before the Hub and URLs, for ``timm.create_model`` (after ``import
+  dynzoo``) too, through the families' builder; only ``dynzoo.create_model`` does for ``hf-hub:`` names, whose
+  config timm reads from the Hub before the builder runs.
 * ``load_checkpoint_file(path)`` reads safetensors or PyTorch pickles, the latter with ``weights_only=True`` only:
   code-carrying pickles are refused, truncated, corrupt or garbage files raise :class:`CheckpointFileError`.
 * ``convert_checkpoint(family, src, dst)`` turns an authors' checkpoint as released into a Hub-ready folder, through

@@ -9,6 +9,7 @@ one ``ExitRule``, which simulated and real early exit share (``run_exit_rule``).
 Every function here takes logits shallow exit first, as ``model(x)`` returns them. Costs are multiply-adds (MACs,
 ``dynzoo.per_exit_macs``); the older ``flops`` names are deprecated aliases.
 """
+import copy
 import ctypes
 import ctypes.util
 import math
@@ -150,7 +151,10 @@ class ExitRule:
     Another criterion subclasses this and overrides ``score`` (a per-sample confidence, higher leaves sooner: e.g.
     negative entropy, the top-2 margin, temperature-scaled logits) or ``decide`` (a rule that carries per-sample
     ``memory`` from exit to exit, e.g. patience); ``check`` validates its parameters for a model's exit count.
+    ``dynzoo.policies.ExitPolicy`` is the one dynzoo ships (entropy, margin, patience, per-exit temperatures).
     """
+
+    min_threshold = -math.inf  # the lowest threshold the score admits: fitted ones are raised to it
 
     def __init__(self, thresholds: Sequence[float], fallback: str = 'last', strict: bool = False):
         if fallback not in ('last', 'ensemble'):
@@ -181,6 +185,21 @@ class ExitRule:
         score, prediction = self.score(k, logits)
         threshold = self.thresholds[k] if k < len(self.thresholds) else ALWAYS
         return (score > threshold if self.strict else score >= threshold), prediction, memory
+
+    def exit_scores(self, logits: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Every sample's score at every exit, as if none had left (what threshold fitting sorts)."""
+        return [self.score(k, l)[0] for k, l in enumerate(logits)]
+
+    def with_thresholds(self, thresholds: Sequence[float]) -> 'ExitRule':
+        """The same rule with other thresholds."""
+        rule = copy.copy(self)
+        rule.thresholds = [float(t) for t in thresholds]
+        return rule
+
+    def fit(self, logits, fractions: Sequence[float]) -> 'ExitRule':
+        """The same rule with thresholds fitted on held-out ``logits`` to send ``fractions[k]`` of them to exit k
+        (``fit_thresholds``)."""
+        return self.with_thresholds(fit_thresholds(logits, fractions, self))
 
 
 def _as_rule(thresholds: Union[Sequence[float], ExitRule], fallback: str, strict: bool) -> ExitRule:
@@ -295,13 +314,16 @@ def geometric_fractions(q: float, num_exits: int) -> List[float]:
     return (weights / weights.sum()).tolist()
 
 
-def fit_thresholds(logits, fractions: Sequence[float]) -> List[float]:
+def fit_thresholds(logits, fractions: Sequence[float], policy: Optional[ExitRule] = None) -> List[float]:
     """Thresholds that send the share ``fractions[k]`` of the (held-out) samples to exit k, as the MSDNet authors'
     ``dynamic_eval_find_threshold``.
 
     For k < K-1: among the samples that have not exited yet, sorted by confidence at exit k (descending), ``T[k]``
     is the confidence of the ``floor(N * fractions[k])``-th; every sample with confidence ``>= T[k]`` exits there.
     If that count is 0 (or fewer samples remain), ``T[k] = 1e8`` and nobody exits at k. ``T[K-1] = -1e8``.
+    The confidence is the max softmax probability (the authors'), or ``policy``'s score (``ExitRule.exit_scores``,
+    e.g. a ``dynzoo.policies.ExitPolicy``'s), and a threshold is at least ``policy.min_threshold``; with a discrete
+    score (patience) the realised shares can differ from the targets.
     """
     logits = _as_logit_list(logits)
     num_exits, num_samples = len(logits), logits[0].shape[0]
@@ -312,13 +334,15 @@ def fit_thresholds(logits, fractions: Sequence[float]) -> List[float]:
         raise ValueError(f'fractions must be non-negative and sum to 1, got {fractions.tolist()}')
     exited = torch.zeros(num_samples, dtype=torch.bool)
     thresholds = [NEVER] * (num_exits - 1) + [ALWAYS]
+    policy = ExitRule(()) if policy is None else policy
+    scores = policy.exit_scores(logits)
     for k in range(num_exits - 1):
-        confidence = max_probability(logits[k]).values
+        confidence = scores[k]
         target = math.floor(num_samples * fractions[k])
         order = torch.argsort(confidence, descending=True, stable=True)
         remaining = order[~exited[order]]
         if 0 < target <= len(remaining):
-            thresholds[k] = confidence[remaining[target - 1]].item()
+            thresholds[k] = max(policy.min_threshold, confidence[remaining[target - 1]].item())
             exited |= confidence >= thresholds[k]
     return thresholds
 
@@ -407,12 +431,15 @@ def early_exit(model, x: torch.Tensor, thresholds: Union[Sequence[float], ExitRu
 
 
 def evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, macs: Optional[Sequence[float]] = None,
-                      qs: Optional[Sequence[float]] = None, flops: Optional[Sequence[float]] = None) -> List[Dict]:
+                      qs: Optional[Sequence[float]] = None, flops: Optional[Sequence[float]] = None,
+                      policy: Optional[ExitRule] = None) -> List[Dict]:
     """MSDNet's budgeted-batch evaluation: for each ``q`` (default ``p / 20`` for p = 1..39) fit thresholds on the
     held-out logits for the geometric exit distribution, apply them to the test logits, and report accuracy and
     expected MACs ``sum_k (n_k / N) * macs[k]`` (``macs``: cascade per-exit costs, e.g. ``per_exit_macs(model)``;
     the MSDNet authors used their own counter, ``per_exit_macs(model, convention='authors')``; ``flops`` is the
-    deprecated alias). Labels must be one class index per sample of their split.
+    deprecated alias). Labels must be one class index per sample of their split. ``policy``: the exit criterion
+    (a ``dynzoo.policies.ExitPolicy``: entropy, margin, patience, temperatures; its thresholds are refitted per q);
+    default the max softmax probability, as the authors.
 
     Returns one dict per operating point: ``q``, ``accuracy``, ``expected_macs``, ``exit_fractions`` (realised on
     the test split), ``target_fractions``, ``val_exit_fractions`` and ``thresholds``.
@@ -430,14 +457,15 @@ def evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, macs: Op
     test_labels = _check_labels(test_labels, len(test_logits[0]), num_classes, 'test_labels')
     qs = [p / 20 for p in range(1, 40)] if qs is None else qs
     rows = []
+    policy = ExitRule(()) if policy is None else policy
     for q in qs:
         target = geometric_fractions(q, num_exits)
-        thresholds = fit_thresholds(val_logits, target)
-        val_result = simulate_early_exit(val_logits, thresholds)
-        result = simulate_early_exit(test_logits, thresholds, macs)
+        rule = policy.fit(val_logits, target)
+        val_result = simulate_early_exit(val_logits, rule)
+        result = simulate_early_exit(test_logits, rule, macs)
         rows.append(MacsRow(q=q, accuracy=result.accuracy(test_labels), expected_macs=result.mean_macs,
                            exit_fractions=result.exit_fractions(num_exits), target_fractions=target,
-                           val_exit_fractions=val_result.exit_fractions(num_exits), thresholds=thresholds))
+                           val_exit_fractions=val_result.exit_fractions(num_exits), thresholds=rule.thresholds))
     return rows
 
 

@@ -1,7 +1,9 @@
 """Where pretrained weights come from: the weights shipped in the package and the offline mirror, the Hugging Face
 Hub (read by timm), direct URLs (downloaded here), and files released only inside a web page; ``dynzoo weights``.
 
-``resolve_pretrained_source`` turns ``create_model``'s arguments into a source timm's ``load_pretrained`` loads:
+``resolve_pretrained_source`` turns a name and its ``pretrained_cfg_overlay`` into a source timm's
+``load_pretrained`` loads. Every family builds through ``dynzoo.models._helpers.build_model``, which calls it, so
+``dynzoo.create_model`` and ``timm.create_model`` (after ``import dynzoo``) load the same weights the same way:
 
 * a ``file=`` or ``state_dict=`` overlay, the mirror (``$DYNZOO_HUB_MIRROR``) and the shipped folders are read
   here, safely (``dynzoo.hub.load_checkpoint_file``), and handed to timm as the overlay's ``state_dict``; the entry
@@ -193,7 +195,7 @@ def resolve_pretrained_source(model_name: str, pretrained_cfg_overlay: Optional[
     """The ``(model_name, pretrained_cfg_overlay)`` for ``timm.create_model(..., pretrained=True)``.
 
     In order: the caller's ``state_dict`` or ``file``; the mirror and shipped folders (``hub.mirror_folder``); a
-    Hub repository (left to timm, ``create_model`` calling :func:`url_source` if it cannot be read; read from the
+    Hub repository (left to timm, the builder calling :func:`url_source` if it cannot be read; read from the
     Hub cache here when only ``DYNZOO_OFFLINE`` is set, which huggingface_hub does not know); a URL; a file
     released only inside a web page, if it is in the cache. Raises :class:`PretrainedWeightsNotFoundError` naming
     what exists when the name has no weights.

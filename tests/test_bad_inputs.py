@@ -258,7 +258,7 @@ def _export(name, *, train=False, folder=None, format='pt2', **kwargs):
 
 def _export_cli(*argv):
     from dynzoo.cli import main
-    return main(['export', *argv])
+    return main(['--debug', 'export', *argv])  # --debug: the error itself, not the one-line report
 
 
 def _export_dir_with_a_file() -> str:
@@ -342,6 +342,36 @@ CASES += [
          raises=ValueError, match='thresholds must not be NaN'),
     _warns_and_flags(early_exit_nan_and_inf_inputs, [1, 3]),
     _warns_and_flags(simulated_nan_logits, [2]),
+    Case('policy-unknown-criterion', lambda: dynzoo.ExitPolicy('max_probability'), raises=ValueError,
+         match="unknown exit criterion 'max_probability': choose one of max_prob, entropy, margin, patience"),
+    Case('policy-zero-temperature', lambda: dynzoo.ExitPolicy('entropy', temperatures=[1.0, 0.0, 1.0]),
+         raises=ValueError, match=r'temperatures must be positive and finite \(one per exit\), got \[1.0, 0.0, 1.0\]'),
+    Case('policy-negative-temperature', lambda: dynzoo.ExitPolicy(temperatures=[-1.0, 1.0, 1.0]), raises=ValueError,
+         match='temperatures must be positive and finite'),
+    Case('policy-nan-temperature', lambda: dynzoo.ExitPolicy(temperatures=[1.0, float('nan'), 1.0]),
+         raises=ValueError, match='temperatures must be positive and finite'),
+    Case('policy-temperatures-wrong-count', lambda: simulate_early_exit(
+        _exit_logits(), dynzoo.ExitPolicy('margin', [0.5, 0.5], temperatures=[1.0, 2.0])), raises=ValueError,
+         match=r'expected one temperature per exit \(3\), got 2'),
+    Case('policy-temperatures-wrong-count-fit', lambda: dynzoo.ExitPolicy('entropy', temperatures=[1.0]).fit(
+        _exit_logits(), [0.5, 0.3, 0.2]), raises=ValueError, match=r'expected one temperature per exit \(3\), got 1'),
+    Case('policy-patience-zero', lambda: simulate_early_exit(_exit_logits(), dynzoo.ExitPolicy('patience', [0, 2])),
+         raises=ValueError, match='patience thresholds are whole numbers >= 1'),
+    Case('policy-patience-fraction', lambda: simulate_early_exit(_exit_logits(), dynzoo.ExitPolicy('patience',
+                                                                                                   [1.5, 2])),
+         raises=ValueError, match='patience thresholds are whole numbers >= 1'),
+    Case('policy-thresholds-wrong-length', lambda: simulate_early_exit(_exit_logits(), dynzoo.ExitPolicy(
+        'margin', [0.5] * 4)), raises=ValueError, match=r'the margin policy needs 3 thresholds \(or 2.*got 4'),
+    Case('policy-positive-entropy-threshold', lambda: simulate_early_exit(_exit_logits(), dynzoo.ExitPolicy(
+        'entropy', [0.5, 0.5])), raises=ValueError, match='to leave when the entropy is <= h, pass -h'),
+    Case('policy-without-thresholds', lambda: dynzoo.early_exit(_lin5(), torch.zeros(2, 3, 32, 32),
+                                                                dynzoo.ExitPolicy('entropy')),
+         raises=ValueError, match='has no thresholds: pass thresholds= or fit them'),
+    Case('fit-to-budget-negative', lambda: dynzoo.fit_to_budget(_exit_logits(), [1, 2, 3], -1.0), raises=ValueError,
+         match='budget must be a positive number of MACs per sample, got -1.0'),
+    Case('fit-temperatures-nan-logits', lambda: dynzoo.fit_temperatures(
+        [torch.full((4, 10), float('nan'))] * 2, torch.arange(4)), raises=ValueError,
+         match='fit_temperatures needs finite logits'),
 ]
 
 

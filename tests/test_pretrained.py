@@ -1,6 +1,7 @@
 """dynzoo.pretrained: every tag has weights that exist; downloads over a loopback HTTP server that serves synthetic
 checkpoints in the released formats (strict loads, cache reuse, interrupted transfers, offline); the Hugging Face
-cache as huggingface_hub lays it out; configs and model cards that tell the truth; ``dynzoo weights``."""
+cache as huggingface_hub lays it out; timm.create_model taking the same sources; configs and model cards that tell
+the truth; ``dynzoo weights``."""
 import hashlib
 import http.server
 import io
@@ -159,6 +160,47 @@ def test_l2w_url_loads_strictly_and_is_cached(server, caches, monkeypatch):
         dynzoo.create_model('msdnet_step6', pretrained=True, **TINY_MSDNET)
 
 
+def _assert_same_state_dict(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=0, atol=0)
+
+
+def test_timm_create_model_takes_dynzoos_sources(server, caches, monkeypatch):
+    """After ``import dynzoo``, timm.create_model loads the URL without a file name (the bare name's default tag)
+    as dynzoo.create_model does, from the one file it downloads, and keeps no copy of the weights in its cfg."""
+    model = _random_model('msdnet_step4', seed=6, **TINY_MSDNET)
+    _serve_as(server, monkeypatch, 'msdnet_step4.l2w_e300_in1k', _l2w_checkpoint(model))
+    through_timm = timm.create_model('msdnet_step4', pretrained=True, **TINY_MSDNET)
+    through_dynzoo = dynzoo.create_model('msdnet_step4.l2w_e300_in1k', pretrained=True, **TINY_MSDNET)
+    _assert_same_state_dict(model, through_timm)
+    _assert_same_state_dict(through_dynzoo, through_timm)
+    assert server.requests == ['/f/496543cfbbc741e380dd/?dl=1']
+    assert through_timm.pretrained_cfg == through_dynzoo.pretrained_cfg
+    assert 'state_dict' not in through_timm.pretrained_cfg
+    with pytest.raises(dynzoo.PretrainedWeightsNotFoundError, match=r"'msdnet_step7\.in1k'.*https://www\.dropbox"):
+        timm.create_model('msdnet_step7.in1k', pretrained=True)  # the same clear error, not random weights
+
+
+def test_timm_create_model_loads_the_shipped_weights_offline_and_the_mirror_first(caches, monkeypatch, tmp_path):
+    name = 'msdnet_cifar_b7.c10'
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    shipped = safetensors.torch.load_file(hub.PACKAGE_MIRROR / name / 'model.safetensors')
+    through_timm = timm.create_model(name, pretrained=True)
+    assert through_timm.state_dict().keys() == shipped.keys()
+    assert all(torch.equal(through_timm.state_dict()[k], v.float()) for k, v in shipped.items())
+    _assert_same_state_dict(dynzoo.create_model(name, pretrained=True), through_timm)
+
+    model = _random_model('msdnet_cifar_b7', seed=7, num_classes=10)
+    hub.save_pretrained(model, tmp_path / 'mirror' / 'dynzoo' / name, model_name=name)
+    monkeypatch.setenv(hub.MIRROR_ENV, str(tmp_path / 'mirror'))  # the mirror comes before the shipped folder
+    through_timm = timm.create_model(name, pretrained=True)
+    _assert_same_state_dict(model, through_timm)
+    _assert_same_state_dict(dynzoo.create_model(name, pretrained=True), through_timm)
+
+
 def test_official_dataparallel_file_loads_from_a_url_and_from_the_cache(server, caches, monkeypatch):
     model = _random_model('msdnet_step4', seed=1, **TINY_MSDNET)
     official = dict(epoch=90, arch='msdnet', best_prec1=75.0,
@@ -176,14 +218,15 @@ def test_official_dataparallel_file_loads_from_a_url_and_from_the_cache(server, 
     assert len(server.requests) == 1
 
 
-def test_torchvision_file_is_the_fallback_when_the_hub_fails(server, caches, monkeypatch):
+@pytest.mark.parametrize('create', [dynzoo.create_model, timm.create_model], ids=['dynzoo', 'timm'])
+def test_torchvision_file_is_the_fallback_when_the_hub_fails(server, caches, monkeypatch, create):
     _hub_at(server, monkeypatch)
     model = _random_model('densenet_bc_121', seed=2, **TINY_DENSENET)
     legacy = {re.sub(r'(denselayer\d+\.(?:norm|conv))([12])\.', r'\1.\2.', k): v
               for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}  # pre-0.4 file
     assert any('.norm.1.' in k for k in legacy)
     _serve_as(server, monkeypatch, 'densenet_bc_121.tv_in1k', legacy)
-    loaded = dynzoo.create_model('densenet_bc_121', pretrained=True, **TINY_DENSENET)
+    loaded = create('densenet_bc_121', pretrained=True, **TINY_DENSENET)
     _assert_same_outputs(model, loaded, torch.randn(2, 3, 64, 64))
     assert server.requests[-1] == '/models/densenet121-a639ec97.pth'
     assert any('/timm/densenet121.tv_in1k/resolve/' in p for p in server.requests[:-1])  # the Hub was tried first
@@ -260,7 +303,8 @@ def _hf_cache_repo(cache: Path, repo_id: str, files: dict) -> None:
         (repo / 'snapshots' / commit / name).symlink_to(Path('..') / '..' / 'blobs' / blob)
 
 
-def test_densenet_from_timms_hub_repository_in_the_hf_cache(server, caches, monkeypatch):
+@pytest.mark.parametrize('create', [dynzoo.create_model, timm.create_model], ids=['dynzoo', 'timm'])
+def test_densenet_from_timms_hub_repository_in_the_hf_cache(server, caches, monkeypatch, create):
     torch.manual_seed(4)
     reference = timm.create_model('densenet121').eval()
     _hf_cache_repo(Path(huggingface_hub.constants.HF_HUB_CACHE), 'timm/densenet121.tv_in1k', {
@@ -268,7 +312,7 @@ def test_densenet_from_timms_hub_repository_in_the_hf_cache(server, caches, monk
         'config.json': json.dumps(dict(architecture='densenet121', num_classes=1000)).encode()})
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    model = dynzoo.create_model('densenet_bc_121', pretrained=True)  # timm and huggingface_hub read the cache
+    model = create('densenet_bc_121', pretrained=True)  # timm and huggingface_hub read the cache
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = reference(x)
@@ -278,8 +322,7 @@ def test_densenet_from_timms_hub_repository_in_the_hf_cache(server, caches, monk
     monkeypatch.setenv(pretrained.OFFLINE_ENV, '1')  # dynzoo's setting, unknown to huggingface_hub
     _hub_at(server, monkeypatch)
     with torch.no_grad():
-        torch.testing.assert_close(dynzoo.create_model('densenet_bc_121', pretrained=True).eval()(x), expected,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(create('densenet_bc_121', pretrained=True).eval()(x), expected, rtol=0, atol=0)
     assert server.requests == []
     [row] = pretrained.weights_table('densenet_bc_121*')
     assert row['cached'] == 'yes' and row['size'] == '30.8 MiB'  # timm's densenet121 in float32

@@ -1,12 +1,11 @@
-"""Helpers shared by the model families: checkpoint checking and filtering, default configs (untagged default,
-shipped weights, weights released by others), init."""
+"""Helpers shared by the model families: the model builder (dynzoo's pretrained sources, for timm.create_model too),
+checkpoint checking and filtering, default configs (untagged default, weights released by others), init."""
 import math
-import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 import torch
-from timm.models import clean_state_dict
+from timm.models import build_model_with_cfg, clean_state_dict
 from torch import nn
 
 
@@ -136,9 +135,6 @@ def dynzoo_default_cfgs(default_cfgs: Dict, reported_top1: Optional[Dict[str, Tu
       the default, so ``msdnet_cifar_b7`` would become its CIFAR-10 weights' 10-class config; in dynzoo the bare name
       keeps the architecture's own config (100 classes for the CIFAR models) and trained weights are asked for by
       tag (``msdnet_cifar_b7.c10``).
-    * A tag whose weights ship in the package (``dynzoo/weights/<name>/``, Hub id ``dynzoo/<name>``) gets that file
-      as its ``file``, so ``timm.create_model(name, pretrained=True)`` loads it offline as
-      ``dynzoo.create_model`` does (timm drops ``file`` when it exports a config).
     * ``reported_top1`` (tag -> (dataset, per-exit top-1 %)) of weights released by others goes to
       ``REPORTED_TOP1`` and to the tag's ``description``, labelled as the authors' numbers; ``file_only`` (tag -> file
       name) records weights released only inside a web page or shared folder (``FILE_ONLY``; the cfg's
@@ -155,12 +151,36 @@ def dynzoo_default_cfgs(default_cfgs: Dict, reported_top1: Optional[Dict[str, Tu
         if '' in default_cfg.tags:
             default_cfg.tags.remove('')
             default_cfg.tags.appendleft('')
-        for cfg in default_cfg.cfgs.values():
-            org, _, repo = (cfg.hf_hub_id or '').partition('/')
-            shipped = PACKAGE_MIRROR / repo / 'model.safetensors'
-            if org == HUB_ORG and repo and shipped.is_file():
-                cfg.file = os.fspath(shipped)
     return default_cfgs
+
+
+def build_model(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, pretrained_cfg=None,
+                pretrained_cfg_overlay: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
+    """timm's ``build_model_with_cfg``, taking the weights from dynzoo's sources (``dynzoo.pretrained``).
+
+    Every family builds through this, so ``timm.create_model(name, pretrained=True)`` (which calls the entry
+    function with the name's tag as ``pretrained_cfg``) and ``dynzoo.create_model`` load the same weights the same
+    way. A registered name is resolved with ``resolve_pretrained_source``, its URL being the fallback when its Hub
+    repository cannot be read; a cfg dict (``hf-hub:`` and ``local-dir:`` names, whose config timm has read) is
+    left to timm. Weights passed in memory are not kept in ``model.pretrained_cfg``.
+    """
+
+    def build(overlay):
+        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg,
+                                    pretrained_cfg_overlay=overlay, **kwargs)
+
+    if pretrained and (pretrained_cfg is None or isinstance(pretrained_cfg, str)):
+        from ..pretrained import HUB_ERRORS, resolve_pretrained_source, url_source  # it imports this module
+        name = f'{variant}.{pretrained_cfg}' if pretrained_cfg else variant
+        _, overlay = resolve_pretrained_source(name, pretrained_cfg_overlay)
+        try:
+            model = build(overlay)
+        except HUB_ERRORS as e:  # the Hub repository could not be read: the URL, if any, is the fallback
+            model = build(url_source(name, overlay, hub_error=e))
+    else:
+        model = build(pretrained_cfg_overlay)
+    model.pretrained_cfg.pop('state_dict', None)
+    return model
 
 
 def init_he_fan_out(model: nn.Module, zero_linear_bias: bool = True) -> None:

@@ -34,11 +34,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from ..data import normalization
 from ._exits import MultiExitNetwork
-from ._helpers import dynzoo_default_cfgs, make_checkpoint_filter
+from ._helpers import build_model, dynzoo_default_cfgs, make_checkpoint_filter
 from ._inputs import check_input_tensor
 
 __all__ = ['DenseNet', 'DenseNetMC', 'DenseLayer', 'checkpoint_filter_fn']
@@ -377,8 +377,8 @@ def _create_densenet(variant: str, pretrained: bool = False, **kwargs):
     """Build :class:`DenseNet`, or :class:`DenseNetMC` when ``exits`` is given (``exits=None`` means single exit)."""
     exits = kwargs.pop('exits', None)
     if exits is None:
-        return build_model_with_cfg(DenseNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
-    return build_model_with_cfg(
+        return build_model(DenseNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_model(
         DenseNetMC, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, exits=exits, **kwargs)
 
 

@@ -21,12 +21,12 @@ from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from ..data import normalization
 from ._exits import SPARE_CHANNELS, MultiExitNetwork
 from ._fuse import FoldedBatchNorm
-from ._helpers import (CheckpointMismatchError, check_state_dict, dynzoo_default_cfgs, init_he_fan_out,
+from ._helpers import (CheckpointMismatchError, build_model, check_state_dict, dynzoo_default_cfgs, init_he_fan_out,
                        unwrap_state_dict)
 
 __all__ = ['MSDNet', 'checkpoint_filter_fn']
@@ -433,7 +433,7 @@ def checkpoint_filter_fn(state_dict, model: MSDNet) -> Dict[str, torch.Tensor]:
 
 
 def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
-    return build_model_with_cfg(
+    return build_model(
         MSDNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         **kwargs,

@@ -14,11 +14,11 @@ from typing import List, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from ..data import normalization
 from ._exits import MultiExitNetwork
-from ._helpers import checkpoint_filter, dynzoo_default_cfgs, init_he_fan_out
+from ._helpers import build_model, checkpoint_filter, dynzoo_default_cfgs, init_he_fan_out
 
 __all__ = ['ResNetMC', 'BasicBlock']
 
@@ -143,5 +143,4 @@ default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
 @register_model
 def resnet_mc_cifar(pretrained: bool = False, **kwargs) -> ResNetMC:
     """ResNet^MC: CIFAR ResNet-110 with a classifier after each of its 3 stages (pass ``depth=6n+2`` to change)."""
-    return build_model_with_cfg(ResNetMC, 'resnet_mc_cifar', pretrained, pretrained_filter_fn=checkpoint_filter,
-                                **kwargs)
+    return build_model(ResNetMC, 'resnet_mc_cifar', pretrained, pretrained_filter_fn=checkpoint_filter, **kwargs)

@@ -29,12 +29,12 @@ from typing import Dict, List, Tuple, Type, Union
 
 import torch
 from torch import nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ..data import normalization
 from ._exits import MultiExitNetwork
-from ._helpers import dynzoo_default_cfgs, init_he_fan_out, make_checkpoint_filter
+from ._helpers import build_model, dynzoo_default_cfgs, init_he_fan_out, make_checkpoint_filter
 
 __all__ = ['ScanResNet', 'SepConv']
 
@@ -229,7 +229,7 @@ checkpoint_filter_fn = make_checkpoint_filter(_drop_adaptation_layers)
 
 
 def _create_scan_resnet(variant: str, pretrained: bool = False, **kwargs) -> ScanResNet:
-    return build_model_with_cfg(ScanResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_model(ScanResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(preset: str, **kwargs):

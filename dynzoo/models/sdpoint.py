@@ -48,10 +48,10 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Type
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from ..data import normalization
-from ._helpers import check_state_dict, dynzoo_default_cfgs, init_he_fan_out, unwrap_state_dict
+from ._helpers import build_model, check_state_dict, dynzoo_default_cfgs, init_he_fan_out, unwrap_state_dict
 from ._inputs import check_input_tensor
 
 __all__ = ['SDPointResNet', 'Instance', 'RATIOS', 'sdpoint_checkpoint_filter']
@@ -499,7 +499,7 @@ def sdpoint_checkpoint_filter(state_dict, model: SDPointResNet) -> Dict[str, tor
 
 
 def _create_sdpoint(variant: str, pretrained: bool, model_args: dict, **kwargs) -> SDPointResNet:
-    return build_model_with_cfg(
+    return build_model(
         SDPointResNet, variant, pretrained,
         pretrained_filter_fn=sdpoint_checkpoint_filter,
         **{**model_args, **kwargs},
