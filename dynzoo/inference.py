@@ -218,6 +218,24 @@ def _keep_rows(memory, keep: torch.Tensor):
     return type(memory)(_keep_rows(m, keep) for m in memory)
 
 
+def _answer(answers, flagged: List[int], rows: Optional[torch.Tensor], prediction: torch.Tensor, k: int,
+            logits: torch.Tensor, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Record that the samples at batch positions ``rows`` leave at exit ``k`` with ``prediction``, answered by
+    ``logits``; ``rows`` None: every sample, none of which left before (``answers`` is None then). Returns the
+    predictions and exits (``answers``, updated, or new tensors) and adds the samples whose logits are not finite to
+    ``flagged``."""
+    maxima = logits.amax(1).tolist()
+    if rows is None:
+        flagged += [i for i, m in enumerate(maxima) if not math.isfinite(m)]
+        predictions = torch.empty(len(maxima), dtype=torch.long, device=device).copy_(prediction)
+        return predictions, torch.full((len(maxima),), k, dtype=torch.long, device=device)
+    predictions, exits = answers
+    predictions[rows], exits[rows] = prediction, k
+    if not all(map(math.isfinite, maxima)):
+        flagged += [i for i, m in zip(rows.tolist(), maxima) if not math.isfinite(m)]
+    return predictions, exits
+
+
 def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits: int, num_samples: int,
                   device=None) -> EarlyExitResult:
     """Apply ``rule`` exit by exit: the one loop behind ``simulate_early_exit`` and ``early_exit``.
@@ -227,40 +245,51 @@ def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits
     next exit. Returns predictions, exits, samples per stage and non-finite flags; ``.macs`` is left to the caller.
     """
     rule.check(num_exits)
-    predictions = torch.full((num_samples,), -1, dtype=torch.long, device=device)
-    exits = torch.full((num_samples,), -1, dtype=torch.long, device=device)
-    nonfinite = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    inside = torch.arange(num_samples, device=device)
+    # Right after a stage, each small tensor op costs many times what it costs alone (the stage has evicted it from
+    # the caches): at batch 1 the bookkeeping between exits sums to a visible share of a stage. So it runs few ops:
+    # counts and finiteness are read from Python lists, ``inside`` (the batch positions of the samples still inside,
+    # in order) and ``answers`` (predictions and exits) wait until the first samples leave, and nothing is indexed
+    # at an exit that no sample leaves.
+    inside = answers = None
+    remaining = num_samples
+    flagged = []  # batch positions whose answering logits hold a NaN or +Inf, or are all -Inf
     logit_sum = memory = None
     samples_per_stage = []
     logits = next(exit_logits)
     try:
         for k in range(num_exits):
-            samples_per_stage.append(len(inside))
+            samples_per_stage.append(remaining)
+            last = k == num_exits - 1
             leave, prediction, memory = rule.decide(k, logits, memory)
             if rule.fallback == 'ensemble':
                 logit_sum = logits.float() if logit_sum is None else logit_sum + logits.float()
-            elif k == num_exits - 1:
-                leave = torch.ones_like(leave)
-            leaving = inside[leave]
-            predictions[leaving], exits[leaving] = prediction[leave], k
-            nonfinite[leaving] = ~torch.isfinite(logits[leave].amax(1))  # NaN, +Inf or all -Inf
-            keep = torch.nonzero(~leave).squeeze(1)
-            inside = inside[keep]
-            if len(inside) == 0 or k == num_exits - 1:
+            leaving = remaining if last and rule.fallback == 'last' else sum(leave.tolist())
+            if leaving == remaining:
+                answers = _answer(answers, flagged, inside, prediction, k, logits, device)
+                remaining = 0
                 break
-            if len(keep) < len(leave):  # no copy when all stay
+            keep = None
+            if leaving:
+                if inside is None:
+                    inside = torch.arange(num_samples, device=device)
+                    unanswered = torch.full((num_samples,), -1, dtype=torch.long, device=device)
+                    answers = unanswered, unanswered.clone()  # predictions, exits
+                answers = _answer(answers, flagged, inside[leave], prediction[leave], k, logits[leave], device)
+                keep = torch.nonzero(~leave).squeeze(1)
+                inside, remaining = inside[keep], remaining - leaving
                 memory, logit_sum = _keep_rows(memory, keep), _keep_rows(logit_sum, keep)
-                logits = exit_logits.send(keep)
-            else:
-                logits = exit_logits.send(None)
+            if last:
+                break
+            logits = exit_logits.send(keep)  # None when all stay: no copy
     finally:
         exit_logits.close()
-    if len(inside):
-        predictions[inside], exits[inside] = logit_sum.argmax(1), num_exits
-        nonfinite[inside] = ~torch.isfinite(logit_sum.amax(1))
-    if nonfinite.any():
-        flagged = torch.nonzero(nonfinite).squeeze(1).tolist()
+    if remaining:
+        answers = _answer(answers, flagged, inside, logit_sum.argmax(1), num_exits, logit_sum, device)
+    predictions, exits = answers
+    nonfinite = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    if flagged:
+        flagged.sort()
+        nonfinite[flagged] = True
         warnings.warn(f'{len(flagged)} of {num_samples} samples got non-finite logits (NaN or Inf: check the input) '
                       f'at the exit that answered, e.g. batch positions {flagged[:10]}; their predictions mean '
                       'nothing (result.nonfinite flags them)', RuntimeWarning, stacklevel=3)

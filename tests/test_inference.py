@@ -119,6 +119,15 @@ def test_scan_rule_hand_case():
     assert result.mean_macs == pytest.approx((0.32 + 0.53 + 1.07) / 3)
 
 
+
+def test_ensemble_fallback_when_some_samples_pass_the_last_exit():
+    # Sample 0 passes the last exit's threshold; sample 1 does not and takes the mean of both exits (class 1).
+    exit1 = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    exit2 = torch.tensor([[10.0, 0.0], [0.5, 0.0]])
+    result = simulate_early_exit([exit1, exit2], [0.9, 0.9], fallback='ensemble', strict=True)
+    assert result.exits.tolist() == [1, 2] and result.predictions.tolist() == [0, 1]
+    assert result.samples_per_stage == [2, 2]
+
 @pytest.fixture(scope='module')
 def msdnet():
     torch.manual_seed(0)
