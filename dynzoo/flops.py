@@ -14,11 +14,12 @@ replaced layer). Changes that assign nothing are not seen (deleting a layer, a c
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
 from torch import nn
 
+from .families import family_of
 from .models._exits import MultiExitNetwork, flatten_tensors
 
 __all__ = ['per_exit_macs', 'per_exit_flops', 'per_exit_params', 'per_exit_table', 'count_macs', 'clear_macs_cache',
@@ -139,9 +140,9 @@ def per_exit_macs(model: MultiExitNetwork, input_size: Optional[Sequence[int]] =
         MSDNet's finer scales in its last layers, is left out).
     convention:
       * ``'fvcore'``: conv + linear multiply-adds counted by fvcore (``scope`` applies);
-      * ``'authors'``: the original authors' own counter, reproduced to the unit (MSDNet: ``op_counter.py``,
-        which also counts ReLU and pooling and which the paper calls FLOPs; cumulative with earlier heads; ``scope``
-        is ignored).
+      * ``'authors'``: the original authors' own counter, reproduced to the unit, as the model's family names it
+        (``dynzoo.families``; MSDNet: ``msdnet_op_counter``, which also counts ReLU and pooling and which the paper
+        calls FLOPs; cumulative with earlier heads); ``scope`` is ignored.
     Counted once per model, input size, scope and convention, then taken from the cache (module docstring).
     """
     if convention not in ('fvcore', 'authors'):
@@ -160,9 +161,14 @@ def per_exit_macs(model: MultiExitNetwork, input_size: Optional[Sequence[int]] =
     return list(entry['counts'][key])
 
 
+def _authors_counter(model: nn.Module):
+    family = family_of(model)
+    return family.authors_macs if family is not None else None
+
+
 def _count_per_exit(model: nn.Module, x: torch.Tensor, scope: str, convention: str) -> List[int]:
     if convention == 'authors':
-        counter = AUTHORS_COUNTERS.get(getattr(model, 'flops_convention', None))
+        counter = _authors_counter(model)
         if counter is None:
             raise ValueError(f'{type(model).__name__} has no authors\' counting convention; use convention="fvcore"')
         with _eval_mode(model):
@@ -206,49 +212,12 @@ def per_exit_params(model: MultiExitNetwork, input_size: Optional[Sequence[int]]
     return counts
 
 
-def _msdnet_op_counter(model: nn.Module, x: torch.Tensor) -> List[int]:
-    """The MSDNet authors' ``op_counter.py``: conv MACs (no bias) + ReLU input elements + pooling (output elements x
-    kernel area) + Linear (weights + biases), accumulated over one full forward and recorded each time a Linear fires,
-    so exit k includes heads 1..k-1."""
-    total, per_exit = 0, []
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            total += (module.in_channels * module.out_channels * kh * kw * output.shape[2] * output.shape[3]
-                      // module.groups)
-        elif isinstance(module, nn.ReLU):
-            total += inputs[0].numel()
-        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-            k = module.kernel_size
-            area = k * k if isinstance(k, int) else k[0] * k[1]
-            total += output.numel() * area
-        elif isinstance(module, nn.Linear):
-            total += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
-            per_exit.append(total)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return per_exit
-
-
-AUTHORS_COUNTERS: Dict[str, Callable[[nn.Module, torch.Tensor], List[int]]] = {
-    'msdnet_op_counter': _msdnet_op_counter,
-}
-
-
 def per_exit_table(model: MultiExitNetwork, input_size: Optional[Sequence[int]] = None) -> List[Dict[str, int]]:
     """One row per exit: cumulative ``params`` and multiply-adds for every scope (``macs_cascade``,
     ``macs_standalone``, ``macs_lazy``), plus ``macs_authors`` where the authors had their own counter."""
     params = per_exit_params(model, input_size)
     by_scope = {scope: per_exit_macs(model, input_size, scope=scope) for scope in SCOPES}
-    authors = (per_exit_macs(model, input_size, convention='authors')
-               if getattr(model, 'flops_convention', None) in AUTHORS_COUNTERS else None)
+    authors = per_exit_macs(model, input_size, convention='authors') if _authors_counter(model) else None
     rows = []
     for k in range(len(params)):
         row = {'exit': k + 1, 'params': params[k], **{f'macs_{scope}': by_scope[scope][k] for scope in SCOPES}}
