@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import dynzoo
-from dynzoo.evaluate import _model_name, add_bench_args, add_eval_args, run_bench, run_eval
+from dynzoo.cli.evaluate import add_bench_args, add_eval_args, run_bench, run_eval
+from dynzoo.evaluate import model_name
 from dynzoo.inference import (ALWAYS, NEVER, ExitRule, early_exit, evaluate_budgeted, fit_thresholds,
                               genetic_threshold_search, geometric_fractions, scan_predict, simulate_early_exit)
 
@@ -321,8 +322,8 @@ def test_cli_eval_and_bench_smoke(tmp_path, capsys):
 
 
 def test_tables_name_models_with_their_tag():
-    assert _model_name(dynzoo.create_model('resnet_mc_cifar.c10')) == 'resnet_mc_cifar.c10'
-    assert _model_name(dynzoo.create_model('resnet_mc_cifar')) == 'resnet_mc_cifar'
+    assert model_name(dynzoo.create_model('resnet_mc_cifar.c10')) == 'resnet_mc_cifar.c10'
+    assert model_name(dynzoo.create_model('resnet_mc_cifar')) == 'resnet_mc_cifar'
 
 
 def test_early_exit_refuses_training_mode_and_single_exit_models():
