@@ -2,7 +2,10 @@
 
 Every count is for a batch of one image at the model's default input size (``pretrained_cfg['input_size']``)
 with the model in eval mode. fvcore counts one per multiply-add; ``per_exit_macs`` keeps convolutions (transposed
-ones included) and linear layers only, so batch norm, pooling and element-wise ops are not counted. dynzoo says
+ones included) and linear layers only, so batch norm, pooling and element-wise ops are not counted. The cascade and
+standalone scopes come from one forward that counts every stage and head (torch's ``FlopCounterMode``, which counts
+the same operations); the lazy scope needs fvcore's trace per exit, whose dead-code elimination drops the work no
+exit up to k uses. dynzoo says
 MACs for these counts everywhere; the older ``*_flops`` names are deprecated aliases.
 
 Counts are cached per model, input size, scope and convention, so that per-batch calls (``early_exit``) trace the
@@ -14,13 +17,14 @@ replaced layer). Changes that assign nothing are not seen (deleting a layer, a c
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .families import family_of
-from .models._exits import MultiExitNetwork, flatten_tensors
+from .models._exits import MultiExitNetwork
 
 __all__ = ['per_exit_macs', 'per_exit_flops', 'per_exit_params', 'per_exit_table', 'count_macs', 'clear_macs_cache',
            'SCOPES']
@@ -30,24 +34,18 @@ CONV_LINEAR_OPS = ('conv', 'linear', 'addmm', 'matmul', 'bmm', 'einsum')
 
 
 class _ExitGraph(nn.Module):
-    """Runs stages 0..k and the heads in ``heads``; returns their logits, plus the stage state if ``keep_state``.
+    """Runs stages 0..k and heads 0..k and returns only the logits, so that the tracer's dead-code elimination drops
+    the stage work no exit up to k needs (the lazy-evaluation cost)."""
 
-    Returning the state keeps every tensor of stage k alive in the traced graph (the full block cost); without it,
-    the tracer's dead-code elimination drops the work no returned head needs (the lazy-evaluation cost).
-    """
-
-    def __init__(self, model: MultiExitNetwork, k: int, heads: Iterable[int], keep_state: bool):
+    def __init__(self, model: MultiExitNetwork, k: int):
         super().__init__()
-        self.model, self.k, self.heads, self.keep_state = model, k, set(heads), keep_state
+        self.model, self.k = model, k
 
     def forward(self, x: torch.Tensor):
         state, outputs = x, []
         for i in range(self.k + 1):
             state = self.model.forward_stage(i, state)
-            if i in self.heads:
-                outputs.append(self.model.forward_head(i, state))
-        if self.keep_state:
-            outputs += flatten_tensors(state)
+            outputs.append(self.model.forward_head(i, state))
         return tuple(outputs)
 
 
@@ -176,8 +174,29 @@ def _count_per_exit(model: nn.Module, x: torch.Tensor, scope: str, convention: s
     with _eval_mode(model):
         if not isinstance(model, MultiExitNetwork):
             return [count_macs(model, x)]
-        return [count_macs(_ExitGraph(model, k, [k] if scope == 'standalone' else range(k + 1),
-                                      keep_state=scope != 'lazy'), x) for k in range(model.num_exits)]
+        if scope == 'lazy':
+            return [count_macs(_ExitGraph(model, k), x) for k in range(model.num_exits)]
+        stages, heads = _stage_and_head_macs(model, x)
+        if scope == 'standalone':
+            return [sum(stages[:k + 1]) + heads[k] for k in range(model.num_exits)]
+        return [sum(stages[:k + 1]) + sum(heads[:k + 1]) for k in range(model.num_exits)]
+
+
+def _stage_and_head_macs(model: MultiExitNetwork, x: torch.Tensor) -> Tuple[List[int], List[int]]:
+    """Every stage's and every exit head's multiply-adds, in one forward under torch's ``FlopCounterMode``, which
+    counts convolutions and matrix products only, two FLOPs per multiply-add: the count fvcore gives with
+    ``CONV_LINEAR_OPS`` for the same work."""
+    stages, heads = [], []
+    with FlopCounterMode(display=False) as counter:
+        state = x
+        for k in range(model.num_exits):
+            before = counter.get_total_flops()
+            state = model.forward_stage(k, state)
+            after_stage = counter.get_total_flops()
+            model.forward_head(k, state)
+            stages.append((after_stage - before) // 2)
+            heads.append((counter.get_total_flops() - after_stage) // 2)
+    return stages, heads
 
 
 def per_exit_flops(*args, **kwargs) -> List[int]:

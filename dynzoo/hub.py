@@ -242,9 +242,6 @@ def save_pretrained(
     else:  # safetensors stores contiguous tensors
         export = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.contiguous_format)
     export.num_features = _num_features(model)  # timm's save_for_hf reads it; multi-exit networks have none
-    if model.pretrained_cfg.get('tag') not in (None, '', tag):  # e.g. trained from scratch on a bare name whose
-        # default cfg is another's released weights: that tag and its reported accuracy do not describe these ones
-        export.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ('tag', 'description')}
     pretrained_cfg = {'hf_hub_id': f'{HUB_ORG}/{model_name}'}
     if tag:
         pretrained_cfg['tag'] = tag
@@ -254,8 +251,13 @@ def save_pretrained(
         timm.models.save_for_hf(
             export, staging, safe_serialization=True, data_config=data_config,
             model_config={'pretrained_cfg': pretrained_cfg, 'dynzoo': info})
+        config = json.loads((staging / 'config.json').read_text())
+        if model.pretrained_cfg.get('tag') not in (None, '', tag):  # e.g. trained from scratch on a bare name whose
+            # default cfg is another's released weights: that tag and its reported accuracy do not describe these
+            config['pretrained_cfg'] = {k: v for k, v in config['pretrained_cfg'].items()
+                                        if k != 'description' and (k != 'tag' or tag)}
+            (staging / 'config.json').write_text(json.dumps(config, indent=2))
         if model_card:
-            config = json.loads((staging / 'config.json').read_text())
             (staging / 'README.md').write_text(_model_card(model_name, config), encoding='utf-8')
         save_directory.mkdir(exist_ok=True)
         for file in sorted(staging.iterdir()):

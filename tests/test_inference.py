@@ -187,11 +187,13 @@ def test_scan_predict_real_equals_simulated(msdnet):
 
 @pytest.fixture
 def count_calls(monkeypatch):
-    """Counts the calls of dynzoo.flops.count_macs (every fvcore trace) while the test runs."""
+    """Counts the counting passes while the test runs: fvcore traces (``count_macs``) and the one-forward count of
+    every stage and head (``_stage_and_head_macs``)."""
     calls = []
-    count_macs = dynzoo.flops.count_macs
-    monkeypatch.setattr(dynzoo.flops, 'count_macs', lambda *args, **kwargs: calls.append(1) or count_macs(*args,
-                                                                                                          **kwargs))
+    for name in ('count_macs', '_stage_and_head_macs'):
+        count = getattr(dynzoo.flops, name)
+        monkeypatch.setattr(dynzoo.flops, name, lambda *args, _count=count, **kwargs: calls.append(1) or _count(
+            *args, **kwargs))
     return calls
 
 
@@ -201,10 +203,10 @@ def test_default_call_counts_once_per_model_size_and_change(count_calls):
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     everyone_at_the_end = [NEVER] * 4
     first = early_exit(model, x, everyone_at_the_end)
-    assert len(count_calls) == model.num_exits  # one trace per exit, cascade scope
+    assert len(count_calls) == 1  # one forward counts every exit's cascade cost
     again = early_exit(model, x, everyone_at_the_end)
     scan_predict(model, x, thresholds=[0.5] * 5, relative_costs=[1] * 6)
-    assert len(count_calls) == model.num_exits and again.macs == first.macs  # taken from the cache
+    assert len(count_calls) == 1 and again.macs == first.macs  # taken from the cache
     fresh = dynzoo.per_exit_macs(dynzoo.create_model('msdnet_cifar_lin5', num_classes=10))
     assert first.macs == 4 * fresh[-1]
 

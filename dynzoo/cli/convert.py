@@ -4,8 +4,7 @@ import os
 import torch
 
 from . import key_value
-from ..families import FAMILIES
-from ..hub import MIRROR_ENV, convert_checkpoint
+from ..hub import FAMILIES, MIRROR_ENV, convert_checkpoint
 from ..models._helpers import HUB_ORG
 
 __all__ = ['add_convert_args', 'run_convert']
@@ -13,7 +12,8 @@ __all__ = ['add_convert_args', 'run_convert']
 
 def add_convert_args(parser) -> None:
     """``dynzoo convert --family F SRC DST [--model NAME] [--num-classes N] [--dtype float16]``."""
-    parser.add_argument('--family', required=True, choices=sorted(name for name, family in FAMILIES.items() if family.checkpoint_filter), help='model family of the checkpoint')
+    parser.add_argument('--family', required=True, choices=sorted(FAMILIES),
+                        help='model family of the checkpoint')
     parser.add_argument('src', help="the authors' checkpoint file (.pth, .pth.tar, .safetensors)")
     parser.add_argument('dst', help='output folder (model.safetensors, config.json, README.md)')
     parser.add_argument('--model', default=None, help='dynzoo architecture it holds (default: found from the keys)')

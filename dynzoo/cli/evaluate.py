@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from . import positive_int
 from ..data import CIFAR_NUM_CLASSES, cifar_dataset, holdout_indices
-from ..evaluate import ResultTable, check_labels, collect_logits, eval_transform, evaluate_anytime, model_name, plot_tables
+from ..evaluate import (ResultTable, check_labels, collect_logits, eval_transform, evaluate_anytime, model_name,
+                        plot_tables)
 from ..factory import create_model
 from ..flops import per_exit_macs, per_exit_table
 from ..inference import early_exit, evaluate_budgeted, geometric_fractions
