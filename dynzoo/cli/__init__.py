@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from .. import inference
+
 RETAIN_ENV = 'DYNZOO_RETAIN_FREED_MEMORY'
 
 # subcommand -> (module, function adding its arguments, function running it, help)
@@ -48,7 +50,9 @@ def add_debug_arg(parser: argparse.ArgumentParser, default: Any = False) -> None
 
 
 def add_process_args(parser: argparse.ArgumentParser, default: Any = None) -> None:
-    """The options of the whole process: ``--debug`` and ``--retain-freed-memory``."""
+    """The options of the whole process: ``--debug`` and ``--retain-freed-memory`` (default: off, or
+    ``$DYNZOO_RETAIN_FREED_MEMORY``). ``default=argparse.SUPPRESS`` adds them after a subcommand too, without
+    resetting what was given before it."""
     add_debug_arg(parser, default=False if default is None else default)
     parser.add_argument('--retain-freed-memory', action='store_true',
                         default=_env_flag(RETAIN_ENV) if default is None else default,
@@ -63,8 +67,7 @@ def _env_flag(name: str) -> bool:
 def apply_process_args(args: argparse.Namespace) -> None:
     """What the process options change for the whole process (``--retain-freed-memory``)."""
     if getattr(args, 'retain_freed_memory', False):
-        from ..inference import retain_freed_memory
-        if not retain_freed_memory():
+        if not inference.retain_freed_memory():
             print('--retain-freed-memory: the C library is not glibc, nothing changed', file=sys.stderr)
 
 
