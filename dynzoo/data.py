@@ -223,11 +223,14 @@ def build_transforms(preset: str = 'cifar', train: bool = False, dataset: str = 
         transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10), transforms.ToTensor(), normalize, Cutout(16)])
 
 
-def image_folder(root, train: bool, preset: str = 'imagenet', input_size: int = 224) -> datasets.ImageFolder:
+def image_folder(root, train: bool, preset: str = 'imagenet', input_size: int = 224,
+                 transform: Optional[Callable] = None) -> datasets.ImageFolder:
     """An ImageNet-style folder (``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``) with the preset's
-    training or evaluation transforms, through torchvision's ``ImageFolder``."""
+    training or evaluation transforms (or ``transform``), through torchvision's ``ImageFolder``."""
     folder = Path(root) / ('train' if train else 'val')
     if not folder.is_dir():
         raise FileNotFoundError(f'{folder} does not exist: image_folder expects {root}/train/<class>/ and '
                                 f'{root}/val/<class>/ sub-folders')
-    return datasets.ImageFolder(os.fspath(folder), transform=build_transforms(preset, train, input_size=input_size))
+    if transform is None:
+        transform = build_transforms(preset, train, input_size=input_size)
+    return datasets.ImageFolder(os.fspath(folder), transform=transform)

@@ -75,9 +75,8 @@ def build_datasets(args, config) -> Tuple[Dataset, Dataset]:
     if args.dataset == 'imagefolder':
         if not args.data_root:
             raise ValueError('--dataset imagefolder needs --data-root <folder with train/ and val/>')
-        train_set = data.image_folder(args.data_root, True, preset, args.input_size)
-        train_set.transform = train_tf
-        return train_set, data.image_folder(args.data_root, False, preset, args.input_size)
+        return (data.image_folder(args.data_root, True, preset, args.input_size, transform=train_tf),
+                data.image_folder(args.data_root, False, preset, args.input_size))
     raise ValueError(f'unknown dataset {args.dataset!r}')
 
 
