@@ -1,10 +1,12 @@
-"""Anytime evaluation of dynzoo models and result tables (``dynzoo bench`` / ``dynzoo eval``: ``dynzoo.cli.evaluate``).
+"""Anytime and real early-exit evaluation of dynzoo models, and result tables (``dynzoo bench`` / ``dynzoo eval``:
+``dynzoo.cli.evaluate``).
 
 The MSDNet authors evaluate every exit on every sample and simulate exiting afterwards (their code needs a GPU);
 dynzoo does the same on CPU for the budgeted protocol (``collect_logits`` + ``evaluate_budgeted``) and also runs
 real early exit (``dynzoo.early_exit``).
 """
 import json
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -15,9 +17,10 @@ from tqdm.auto import tqdm
 
 from ._moved import moved_attribute
 from .flops import MacsRow, per_exit_macs, per_exit_params
+from .inference import ExitRule, early_exit
 
-__all__ = ['ResultTable', 'check_labels', 'collect_logits', 'evaluate_anytime', 'eval_transform', 'model_name',
-           'plot_tables', 'topk_correct']
+__all__ = ['ResultTable', 'check_labels', 'collect_logits', 'evaluate_anytime', 'measure_early_exit', 'eval_transform',
+           'model_name', 'plot_tables', 'topk_correct']
 
 # The command-line handlers moved to dynzoo.cli.
 _MOVED = {name: 'dynzoo.cli.evaluate' for name in ('add_bench_args', 'run_bench', 'add_eval_args', 'run_eval')}
@@ -171,6 +174,30 @@ def evaluate_anytime(model, loader, progress: bool = False) -> ResultTable:
     name = model_name(model)
     return ResultTable(f'anytime: {name} on {len(labels)} images', rows, x='macs_cascade', y='top1',
                        meta=dict(model=name, num_samples=len(labels)))
+
+
+@torch.no_grad()
+def measure_early_exit(model, loader, rule: ExitRule, progress: bool = False) -> Dict:
+    """Real early exit (``dynzoo.early_exit``) with ``rule`` over every batch of ``loader``: accuracy, mean MACs per
+    image and their ratio to the full network's, the fraction of images leaving at each exit, the seconds spent in
+    the early-exit calls, and the rule's thresholds."""
+    macs = per_exit_macs(model, scope='cascade')
+    device = next(model.parameters()).device
+    correct, spent, seen, elapsed = 0, 0.0, 0, 0.0
+    exit_counts = torch.zeros(model.num_exits, dtype=torch.long)
+    for images, labels in tqdm(loader, desc='early exit', leave=False, disable=not progress):
+        labels = check_labels(labels, len(images), model.num_classes)
+        start = time.perf_counter()
+        result = early_exit(model, images.to(device), rule)
+        elapsed += time.perf_counter() - start
+        correct += (result.predictions.cpu() == labels).sum().item()
+        spent, seen = spent + result.macs, seen + len(labels)
+        exit_counts += torch.bincount(result.exits.cpu(), minlength=model.num_exits)
+    if seen == 0:
+        raise ValueError('the loader yielded no batches')
+    return dict(accuracy=correct / seen, mean_macs=spent / seen, macs_ratio=spent / seen / macs[-1],
+                exit_fractions=(exit_counts.double() / seen).tolist(), seconds=elapsed,
+                thresholds=list(rule.thresholds))
 
 
 def model_name(model) -> str:

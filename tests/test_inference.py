@@ -11,7 +11,7 @@ import torch
 
 import dynzoo
 from dynzoo.cli.evaluate import add_bench_args, add_eval_args, run_bench, run_eval
-from dynzoo.evaluate import model_name
+from dynzoo.evaluate import measure_early_exit, model_name
 from dynzoo.inference import (ALWAYS, NEVER, ExitRule, early_exit, evaluate_budgeted, fit_thresholds,
                               genetic_threshold_search, geometric_fractions, scan_predict, simulate_early_exit)
 
@@ -370,3 +370,18 @@ def test_retain_freed_memory_stops_page_faults_of_reused_blocks():
                                        check=True).stdout) for mode in ('default', 'retain')}
     assert faults['default'] > 5000
     assert faults['retain'] < 500
+
+
+def test_measure_early_exit_counts_where_images_leave_and_what_they_cost():
+    torch.manual_seed(0)
+    model = dynzoo.create_model('msdnet_cifar_lin5', num_classes=10).eval()
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    loader = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    macs = dynzoo.per_exit_macs(model)
+    everyone_at_the_end = measure_early_exit(model, loader, ExitRule([NEVER] * 4))
+    assert everyone_at_the_end['exit_fractions'] == [0, 0, 0, 0, 1] and everyone_at_the_end['macs_ratio'] == 1
+    predictions = model(images)[-1].argmax(1)
+    assert everyone_at_the_end['accuracy'] == (predictions == labels).double().mean().item()
+    everyone_first = measure_early_exit(model, loader, ExitRule([ALWAYS] * 4))
+    assert everyone_first['exit_fractions'] == [1, 0, 0, 0, 0] and everyone_first['mean_macs'] == macs[0]
+

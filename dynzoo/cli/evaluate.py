@@ -1,21 +1,19 @@
 """``dynzoo bench`` and ``dynzoo eval``: per-exit tables, anytime, budgeted-batch and real early-exit evaluation."""
 import argparse
 import os
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from . import positive_int
 from ..data import CIFAR_NUM_CLASSES, cifar_dataset, holdout_indices
-from ..evaluate import (ResultTable, check_labels, collect_logits, eval_transform, evaluate_anytime, model_name,
+from ..evaluate import (ResultTable, collect_logits, eval_transform, evaluate_anytime, measure_early_exit, model_name,
                         plot_tables)
 from ..factory import create_model
 from ..flops import per_exit_macs, per_exit_table
-from ..inference import early_exit, evaluate_budgeted, geometric_fractions
+from ..inference import evaluate_budgeted, geometric_fractions
 from ..models import MultiExitNetwork
 from ..policies import CRITERIA, ExitPolicy, fit_temperatures, fit_to_budget
 
@@ -252,23 +250,7 @@ def _eval_early_exit(model, args, transform) -> ResultTable:
             points = [(f'budget {b:g}', fit_to_budget(val_logits, macs, b, policy)) for b in args.budget]
         else:
             points = [(q, policy.fit(val_logits, geometric_fractions(q, model.num_exits))) for q in args.q]
-    loader = _loader(test, args)
-    rows = []
-    with torch.no_grad():
-        for q, rule in points:
-            correct, spent, seen, elapsed = 0, 0.0, 0, 0.0
-            exit_counts = torch.zeros(model.num_exits, dtype=torch.long)
-            for images, labels in tqdm(loader, desc=f'early exit q={q}', leave=False):
-                labels = check_labels(labels, len(images), model.num_classes)
-                start = time.perf_counter()
-                result = early_exit(model, images.to(next(model.parameters()).device), rule)
-                elapsed += time.perf_counter() - start
-                correct += (result.predictions.cpu() == labels).sum().item()
-                spent, seen = spent + result.macs, seen + len(labels)
-                exit_counts += torch.bincount(result.exits.cpu(), minlength=model.num_exits)
-            rows.append(dict(q=q, accuracy=correct / seen, mean_macs=spent / seen, macs_ratio=spent / seen / macs[-1],
-                             exit_fractions=(exit_counts.double() / seen).tolist(), seconds=elapsed,
-                             thresholds=list(rule.thresholds)))
+    rows = [dict(q=q, **measure_early_exit(model, _loader(test, args), rule, progress=True)) for q, rule in points]
     name = model_name(model)
     return ResultTable(f'real early exit: {name}, {args.policy}, on {len(test)} images', rows, x='mean_macs',
                        y='accuracy', meta=dict(model=name, macs_cascade=macs, **_policy_meta(policy)))
