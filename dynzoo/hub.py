@@ -241,7 +241,9 @@ def save_pretrained(
         export = copy.copy(model)
     else:  # safetensors stores contiguous tensors
         export = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.contiguous_format)
-    export.num_features = _num_features(model)  # timm's save_for_hf reads it; multi-exit networks have none
+    # timm's save_for_hf reads num_features, which multi-exit networks get with timm's conventions (issue 24 item 4):
+    # until then the copy carries it
+    export.num_features = _num_features(model)
     pretrained_cfg = {'hf_hub_id': f'{HUB_ORG}/{model_name}'}
     if tag:
         pretrained_cfg['tag'] = tag

@@ -20,7 +20,6 @@ from PIL import Image
 
 import dynzoo
 from dynzoo import cli
-from dynzoo import train as dtrain
 from dynzoo.cli.train import add_train_args, main as train_main
 from dynzoo.train.distributed import rng_state
 
