@@ -17,6 +17,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
+from .models._normalization import NORMALIZATION, normalization
+
 __all__ = [
     'SAMPLE_PATH', 'PRESETS', 'NPZ_FORMAT', 'PackedCifarError', 'load_cifar_npz', 'load_sample', 'ArrayDataset',
     'cifar_dataset', 'build_transforms', 'image_folder', 'holdout_indices', 'Cutout', 'normalization',
@@ -25,26 +27,14 @@ __all__ = [
 SAMPLE_PATH = Path(__file__).parent / 'assets' / 'cifar10_test_sample.npz'
 CIFAR_NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
-# Per preset: the normalisation per dataset ('default' when the authors used one pair for every dataset) and the
-# augmentation recipe. Sources: MSDNet PyTorch ``dataloader.py``; SCAN ``train.py`` and the journal Self-Distillation
-# ``train.py`` (spec scan_sdpoint.md A6); gpleiss efficient-densenet ``demo.py``; torchvision's ImageNet recipe.
-# The one source of these statistics: the models' pretrained configs read them here too (``normalization``).
-PRESETS: Dict[str, dict] = {
-    'cifar': dict(augment='crop_flip', stats={
-        'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-        'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}),
-    'msdnet_cifar': dict(augment='crop_flip', stats={
-        'cifar10': ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)),
-        'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}),
-    'scan_cifar': dict(augment='crop_flip', stats={
-        'default': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}),
-    'byot_cifar': dict(augment='crop_flip_autoaugment_cutout', stats={
-        'default': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}),
-    'densenet_cifar': dict(augment='crop_flip', stats={
-        'default': ((0.49139968, 0.48215841, 0.44653091), (0.24703223, 0.24348513, 0.26158784))}),
-    'imagenet': dict(augment='imagenet', stats={
-        'default': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}),
+# Per preset: the augmentation recipe (the normalisation statistics: ``dynzoo.models._normalization``, which the
+# models' pretrained configs read too).
+AUGMENTATIONS: Dict[str, str] = {
+    'cifar': 'crop_flip', 'msdnet_cifar': 'crop_flip', 'scan_cifar': 'crop_flip',
+    'byot_cifar': 'crop_flip_autoaugment_cutout', 'densenet_cifar': 'crop_flip', 'imagenet': 'imagenet',
 }
+PRESETS: Dict[str, dict] = {name: dict(augment=augment, stats=NORMALIZATION[name])
+                            for name, augment in AUGMENTATIONS.items()}
 
 
 NPZ_FORMAT = ("A packed-JPEG CIFAR npz (numpy.savez) holds, per split ('train', 'test'): {split}_jpeg (uint8, the "
@@ -205,17 +195,6 @@ class Cutout:
         return f'{type(self).__name__}(length={self.length})'
 
 
-def normalization(preset: str, dataset: str = 'cifar10') -> Dict[str, Tuple[float, ...]]:
-    """``dict(mean=..., std=...)`` of ``preset`` (a key of ``PRESETS``) for ``dataset``."""
-    if preset not in PRESETS:
-        raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
-    stats = PRESETS[preset]['stats']
-    mean_std = stats.get(dataset, stats.get('default'))
-    if mean_std is None:
-        raise ValueError(f'preset {preset!r} has normalisation for {sorted(stats)} only, not {dataset!r}')
-    return dict(mean=mean_std[0], std=mean_std[1])
-
-
 def build_transforms(preset: str = 'cifar', train: bool = False, dataset: str = 'cifar10',
                      input_size: int = 224) -> transforms.Compose:
     """The authors' preprocessing for ``preset`` (a key of ``PRESETS``), training or evaluation.
@@ -244,11 +223,14 @@ def build_transforms(preset: str = 'cifar', train: bool = False, dataset: str = 
         transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10), transforms.ToTensor(), normalize, Cutout(16)])
 
 
-def image_folder(root, train: bool, preset: str = 'imagenet', input_size: int = 224) -> datasets.ImageFolder:
+def image_folder(root, train: bool, preset: str = 'imagenet', input_size: int = 224,
+                 transform: Optional[Callable] = None) -> datasets.ImageFolder:
     """An ImageNet-style folder (``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``) with the preset's
-    training or evaluation transforms, through torchvision's ``ImageFolder``."""
+    training or evaluation transforms (or ``transform``), through torchvision's ``ImageFolder``."""
     folder = Path(root) / ('train' if train else 'val')
     if not folder.is_dir():
         raise FileNotFoundError(f'{folder} does not exist: image_folder expects {root}/train/<class>/ and '
                                 f'{root}/val/<class>/ sub-folders')
-    return datasets.ImageFolder(os.fspath(folder), transform=build_transforms(preset, train, input_size=input_size))
+    if transform is None:
+        transform = build_transforms(preset, train, input_size=input_size)
+    return datasets.ImageFolder(os.fspath(folder), transform=transform)

@@ -11,7 +11,6 @@ the input size, the normalisation, the cascade multiply-adds of every exit and t
 ONNX runtime, the runner numpy and onnxruntime. ONNX needs the ``export`` extra (``pip install dynzoo[export]``:
 onnx, onnxscript, onnxruntime).
 """
-import argparse
 import importlib.util
 import json
 import re
@@ -23,13 +22,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cli import parse_key_values
-from .factory import create_model
+from ._moved import moved_attribute
 from .flops import per_exit_macs
 from .inference import ExitRule, run_exit_rule
 from .models._exits import MultiExitNetwork, flatten_tensors
 
 __all__ = ['FORMATS', 'MANIFEST', 'export_stages', 'OnnxEarlyExit', 'OnnxEarlyExitResult']
+
+# The command-line handlers moved to dynzoo.cli.
+_MOVED = {'add_export_args': 'dynzoo.cli.export', 'run_export': 'dynzoo.cli.export'}
+
+
+def __getattr__(name: str):
+    return moved_attribute(__name__, name, _MOVED)
+
 
 FORMATS = ('onnx', 'pt2')
 MANIFEST = 'manifest.json'
@@ -315,30 +321,3 @@ class OnnxEarlyExit:
         macs = float(sum(n * c for n, c in zip(result.samples_per_stage, self.stage_macs)))
         return OnnxEarlyExitResult(result.predictions.numpy(), result.exits.numpy(), result.samples_per_stage, macs,
                                    result.nonfinite.numpy())
-
-
-def add_export_args(parser: argparse.ArgumentParser) -> None:
-    """``dynzoo export NAME --format onnx|pt2 --out DIR [--pretrained] [--thresholds T ...] [--force]``."""
-    parser.add_argument('model', help='dynzoo model name (multi-exit), e.g. msdnet_cifar_b7.c10')
-    parser.add_argument('--format', default='onnx', choices=FORMATS, help='ONNX (for OnnxEarlyExit) or torch.export')
-    parser.add_argument('--out', required=True, help='output folder (must be empty unless --force)')
-    parser.add_argument('--pretrained', action='store_true', help='load the trained weights')
-    parser.add_argument('--thresholds', type=float, nargs='+', default=None,
-                        help='exit thresholds stored in the manifest (one per exit, or one fewer)')
-    parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
-                        help="image size the graphs take (default: the model's)")
-    parser.add_argument('--force', action='store_true', help='replace the stage files and manifest in --out')
-    parser.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', default=[],
-                        help='constructor arguments, e.g. n_blocks=3')
-
-
-def run_export(args) -> int:
-    """Handler of ``dynzoo export``: prints what was written."""
-    model = create_model(args.model, pretrained=args.pretrained,
-                         **parse_key_values(args.model_kwargs, '--model-kwargs')).eval()
-    manifest = export_stages(model, args.out, format=args.format, input_size=args.input_size,
-                             thresholds=args.thresholds, force=args.force)
-    files = ', '.join(stage['file'] for stage in manifest['stages'])
-    print(f'exported {args.model} ({manifest["num_exits"]} exits, input {"x".join(map(str, manifest["input_size"]))}) '
-          f'to {args.out}: {files}, {MANIFEST}')
-    return 0

@@ -2,7 +2,10 @@
 
 Every count is for a batch of one image at the model's default input size (``pretrained_cfg['input_size']``)
 with the model in eval mode. fvcore counts one per multiply-add; ``per_exit_macs`` keeps convolutions (transposed
-ones included) and linear layers only, so batch norm, pooling and element-wise ops are not counted. dynzoo says
+ones included) and linear layers only, so batch norm, pooling and element-wise ops are not counted. The cascade and
+standalone scopes come from one forward that counts every stage and head (torch's ``FlopCounterMode``, which counts
+the same operations); the lazy scope needs fvcore's trace per exit, whose dead-code elimination drops the work no
+exit up to k uses. dynzoo says
 MACs for these counts everywhere; the older ``*_flops`` names are deprecated aliases.
 
 Counts are cached per model, input size, scope and convention, so that per-batch calls (``early_exit``) trace the
@@ -14,12 +17,14 @@ replaced layer). Changes that assign nothing are not seen (deleting a layer, a c
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from .models._exits import MultiExitNetwork, flatten_tensors
+from .families import family_of
+from .models._exits import MultiExitNetwork
 
 __all__ = ['per_exit_macs', 'per_exit_flops', 'per_exit_params', 'per_exit_table', 'count_macs', 'clear_macs_cache',
            'SCOPES']
@@ -29,24 +34,18 @@ CONV_LINEAR_OPS = ('conv', 'linear', 'addmm', 'matmul', 'bmm', 'einsum')
 
 
 class _ExitGraph(nn.Module):
-    """Runs stages 0..k and the heads in ``heads``; returns their logits, plus the stage state if ``keep_state``.
+    """Runs stages 0..k and heads 0..k and returns only the logits, so that the tracer's dead-code elimination drops
+    the stage work no exit up to k needs (the lazy-evaluation cost)."""
 
-    Returning the state keeps every tensor of stage k alive in the traced graph (the full block cost); without it,
-    the tracer's dead-code elimination drops the work no returned head needs (the lazy-evaluation cost).
-    """
-
-    def __init__(self, model: MultiExitNetwork, k: int, heads: Iterable[int], keep_state: bool):
+    def __init__(self, model: MultiExitNetwork, k: int):
         super().__init__()
-        self.model, self.k, self.heads, self.keep_state = model, k, set(heads), keep_state
+        self.model, self.k = model, k
 
     def forward(self, x: torch.Tensor):
         state, outputs = x, []
         for i in range(self.k + 1):
             state = self.model.forward_stage(i, state)
-            if i in self.heads:
-                outputs.append(self.model.forward_head(i, state))
-        if self.keep_state:
-            outputs += flatten_tensors(state)
+            outputs.append(self.model.forward_head(i, state))
         return tuple(outputs)
 
 
@@ -139,9 +138,9 @@ def per_exit_macs(model: MultiExitNetwork, input_size: Optional[Sequence[int]] =
         MSDNet's finer scales in its last layers, is left out).
     convention:
       * ``'fvcore'``: conv + linear multiply-adds counted by fvcore (``scope`` applies);
-      * ``'authors'``: the original authors' own counter, reproduced to the unit (MSDNet: ``op_counter.py``,
-        which also counts ReLU and pooling and which the paper calls FLOPs; cumulative with earlier heads; ``scope``
-        is ignored).
+      * ``'authors'``: the original authors' own counter, reproduced to the unit, as the model's family names it
+        (``dynzoo.families``; MSDNet: ``msdnet_op_counter``, which also counts ReLU and pooling and which the paper
+        calls FLOPs; cumulative with earlier heads); ``scope`` is ignored.
     Counted once per model, input size, scope and convention, then taken from the cache (module docstring).
     """
     if convention not in ('fvcore', 'authors'):
@@ -160,9 +159,14 @@ def per_exit_macs(model: MultiExitNetwork, input_size: Optional[Sequence[int]] =
     return list(entry['counts'][key])
 
 
+def _authors_counter(model: nn.Module):
+    family = family_of(model)
+    return family.authors_macs if family is not None else None
+
+
 def _count_per_exit(model: nn.Module, x: torch.Tensor, scope: str, convention: str) -> List[int]:
     if convention == 'authors':
-        counter = AUTHORS_COUNTERS.get(getattr(model, 'flops_convention', None))
+        counter = _authors_counter(model)
         if counter is None:
             raise ValueError(f'{type(model).__name__} has no authors\' counting convention; use convention="fvcore"')
         with _eval_mode(model):
@@ -170,8 +174,29 @@ def _count_per_exit(model: nn.Module, x: torch.Tensor, scope: str, convention: s
     with _eval_mode(model):
         if not isinstance(model, MultiExitNetwork):
             return [count_macs(model, x)]
-        return [count_macs(_ExitGraph(model, k, [k] if scope == 'standalone' else range(k + 1),
-                                      keep_state=scope != 'lazy'), x) for k in range(model.num_exits)]
+        if scope == 'lazy':
+            return [count_macs(_ExitGraph(model, k), x) for k in range(model.num_exits)]
+        stages, heads = _stage_and_head_macs(model, x)
+        if scope == 'standalone':
+            return [sum(stages[:k + 1]) + heads[k] for k in range(model.num_exits)]
+        return [sum(stages[:k + 1]) + sum(heads[:k + 1]) for k in range(model.num_exits)]
+
+
+def _stage_and_head_macs(model: MultiExitNetwork, x: torch.Tensor) -> Tuple[List[int], List[int]]:
+    """Every stage's and every exit head's multiply-adds, in one forward under torch's ``FlopCounterMode``, which
+    counts convolutions and matrix products only, two FLOPs per multiply-add: the count fvcore gives with
+    ``CONV_LINEAR_OPS`` for the same work."""
+    stages, heads = [], []
+    with FlopCounterMode(display=False) as counter:
+        state = x
+        for k in range(model.num_exits):
+            before = counter.get_total_flops()
+            state = model.forward_stage(k, state)
+            after_stage = counter.get_total_flops()
+            model.forward_head(k, state)
+            stages.append((after_stage - before) // 2)
+            heads.append((counter.get_total_flops() - after_stage) // 2)
+    return stages, heads
 
 
 def per_exit_flops(*args, **kwargs) -> List[int]:
@@ -206,49 +231,12 @@ def per_exit_params(model: MultiExitNetwork, input_size: Optional[Sequence[int]]
     return counts
 
 
-def _msdnet_op_counter(model: nn.Module, x: torch.Tensor) -> List[int]:
-    """The MSDNet authors' ``op_counter.py``: conv MACs (no bias) + ReLU input elements + pooling (output elements x
-    kernel area) + Linear (weights + biases), accumulated over one full forward and recorded each time a Linear fires,
-    so exit k includes heads 1..k-1."""
-    total, per_exit = 0, []
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            total += (module.in_channels * module.out_channels * kh * kw * output.shape[2] * output.shape[3]
-                      // module.groups)
-        elif isinstance(module, nn.ReLU):
-            total += inputs[0].numel()
-        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-            k = module.kernel_size
-            area = k * k if isinstance(k, int) else k[0] * k[1]
-            total += output.numel() * area
-        elif isinstance(module, nn.Linear):
-            total += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
-            per_exit.append(total)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return per_exit
-
-
-AUTHORS_COUNTERS: Dict[str, Callable[[nn.Module, torch.Tensor], List[int]]] = {
-    'msdnet_op_counter': _msdnet_op_counter,
-}
-
-
 def per_exit_table(model: MultiExitNetwork, input_size: Optional[Sequence[int]] = None) -> List[Dict[str, int]]:
     """One row per exit: cumulative ``params`` and multiply-adds for every scope (``macs_cascade``,
     ``macs_standalone``, ``macs_lazy``), plus ``macs_authors`` where the authors had their own counter."""
     params = per_exit_params(model, input_size)
     by_scope = {scope: per_exit_macs(model, input_size, scope=scope) for scope in SCOPES}
-    authors = (per_exit_macs(model, input_size, convention='authors')
-               if getattr(model, 'flops_convention', None) in AUTHORS_COUNTERS else None)
+    authors = per_exit_macs(model, input_size, convention='authors') if _authors_counter(model) else None
     rows = []
     for k in range(len(params)):
         row = {'exit': k + 1, 'params': params[k], **{f'macs_{scope}': by_scope[scope][k] for scope in SCOPES}}

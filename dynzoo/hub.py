@@ -15,7 +15,6 @@
   the family's ``checkpoint_filter_fn``; every key must map.
 """
 import copy
-import importlib
 import json
 import os
 import pickle
@@ -31,30 +30,33 @@ import timm
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import SafetensorError
-from timm.models import get_pretrained_cfg, is_model, list_models, model_entrypoint, split_model_name_tag
+from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
 from torch import nn
 
-from .cli import parse_key_values
+from ._moved import moved_attribute
+from .families import FAMILIES as _ALL_FAMILIES, Family
+from .flops import per_exit_macs, per_exit_params
 from .models import CheckpointMismatchError, FoldedBatchNorm, PointwiseConv
-from .models._helpers import HUB_ORG, PACKAGE_MIRROR, checkpoint_filter, unwrap_state_dict
+from .models._helpers import HUB_ORG, PACKAGE_MIRROR, unwrap_state_dict
+from .sdpoint import instance_rows
 
 __all__ = [
     'MIRROR_ENV', 'PACKAGE_MIRROR', 'FAMILIES', 'CheckpointFileError', 'load_checkpoint_file', 'save_pretrained',
-    'push_to_hub', 'mirror_folder', 'convert_checkpoint', 'add_convert_args',
-    'run_convert',
+    'push_to_hub', 'mirror_folder', 'convert_checkpoint',
 ]
 
 MIRROR_ENV = 'DYNZOO_HUB_MIRROR'
 WEIGHTS_NAME = 'model.safetensors'
 
-# family -> (module under dynzoo.models, registered-name prefix)
-FAMILIES: Dict[str, Tuple[str, str]] = {
-    'msdnet': ('msdnet', 'msdnet_'),
-    'scan': ('scan', 'scan_'),
-    'byot': ('scan', 'byot_'),
-    'sdpoint': ('sdpoint', 'sdpoint_'),
-    'densenet': ('densenet', 'densenet_'),
-}
+# The families whose authors released checkpoints that ``convert_checkpoint`` reads (``dynzoo.families``).
+FAMILIES: Dict[str, Family] = {name: family for name, family in _ALL_FAMILIES.items() if family.checkpoint_filter}
+# The command-line handlers moved to dynzoo.cli.
+_MOVED = {'add_convert_args': 'dynzoo.cli.convert', 'run_convert': 'dynzoo.cli.convert'}
+
+
+def __getattr__(name: str):
+    return moved_attribute(__name__, name, _MOVED)
+
 
 class CheckpointFileError(ValueError):
     """A checkpoint file that cannot be read safely: truncated, corrupt, or a pickle carrying code."""
@@ -108,20 +110,8 @@ def _num_features(model: nn.Module) -> int:
 
 def _per_exit_stats(model: nn.Module) -> Dict[str, Any]:
     """Exits, MACs and parameters per exit, counted on the model's device and dtype (one exit if it has no exits)."""
-    from .flops import per_exit_macs, per_exit_params
     return dict(num_exits=getattr(model, 'num_exits', 1), per_exit_macs=per_exit_macs(model),
                 per_exit_params=per_exit_params(model))
-
-
-def _instance_rows(model: nn.Module, per_instance_accuracy: Dict[str, float]):
-    """``[{instance, macs, top1}]`` for every instance of an SDPoint network, in ``model.instances()`` order."""
-    from .sdpoint import instance_macs
-    macs = instance_macs(model)  # conv + linear, as the per-exit MACs
-    unknown = set(per_instance_accuracy) - {instance.name for instance in macs}
-    if unknown:
-        raise ValueError(f'per_instance_accuracy names instances the model does not have: {sorted(unknown)}')
-    return [dict(instance=instance.name, macs=count, top1=float(per_instance_accuracy[instance.name]))
-            for instance, count in macs.items() if instance.name in per_instance_accuracy]
 
 
 def _fmt_m(value: float) -> str:
@@ -244,17 +234,16 @@ def save_pretrained(
         raise ValueError(f'{len(per_exit_accuracy)} accuracies given for {info["num_exits"]} exits')
     info.update(per_exit_accuracy=per_exit_accuracy, accuracy_dataset=accuracy_dataset, training=training,
                 storage_dtype=str(dtype or torch.float32).replace('torch.', ''),
-                instances=_instance_rows(model, per_instance_accuracy) if per_instance_accuracy else None)
+                instances=instance_rows(model, per_instance_accuracy) if per_instance_accuracy else None)
     info = {k: v for k, v in info.items() if v is not None}
     channels_last = any(not t.is_contiguous() for t in model.state_dict().values())
     if dtype in (None, torch.float32) and not channels_last:
         export = copy.copy(model)
     else:  # safetensors stores contiguous tensors
         export = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.contiguous_format)
-    export.num_features = _num_features(model)  # timm's save_for_hf reads it; multi-exit networks have none
-    if model.pretrained_cfg.get('tag') not in (None, '', tag):  # e.g. trained from scratch on a bare name whose
-        # default cfg is another's released weights: that tag and its reported accuracy do not describe these ones
-        export.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ('tag', 'description')}
+    # timm's save_for_hf reads num_features, which multi-exit networks get with timm's conventions (issue 24 item 4):
+    # until then the copy carries it
+    export.num_features = _num_features(model)
     pretrained_cfg = {'hf_hub_id': f'{HUB_ORG}/{model_name}'}
     if tag:
         pretrained_cfg['tag'] = tag
@@ -264,8 +253,13 @@ def save_pretrained(
         timm.models.save_for_hf(
             export, staging, safe_serialization=True, data_config=data_config,
             model_config={'pretrained_cfg': pretrained_cfg, 'dynzoo': info})
+        config = json.loads((staging / 'config.json').read_text())
+        if model.pretrained_cfg.get('tag') not in (None, '', tag):  # e.g. trained from scratch on a bare name whose
+            # default cfg is another's released weights: that tag and its reported accuracy do not describe these
+            config['pretrained_cfg'] = {k: v for k, v in config['pretrained_cfg'].items()
+                                        if k != 'description' and (k != 'tag' or tag)}
+            (staging / 'config.json').write_text(json.dumps(config, indent=2))
         if model_card:
-            config = json.loads((staging / 'config.json').read_text())
             (staging / 'README.md').write_text(_model_card(model_name, config), encoding='utf-8')
         save_directory.mkdir(exist_ok=True)
         for file in sorted(staging.iterdir()):
@@ -325,18 +319,10 @@ def mirror_folder(model_name: str) -> Optional[Path]:
     return None
 
 
-def _load_family(family: str):
+def _convertible(family: str) -> Family:
     if family not in FAMILIES:
         raise ValueError(f'unknown family {family!r}; choose one of {", ".join(FAMILIES)}')
-    module_name, prefix = FAMILIES[family]
-    try:
-        module = importlib.import_module(f'dynzoo.models.{module_name}')
-    except ModuleNotFoundError as e:
-        raise ValueError(f'family {family!r} is not available in this version of dynzoo '
-                         f'(no dynzoo.models.{module_name})') from e
-    filter_fn = getattr(module, 'checkpoint_filter_fn', None) or checkpoint_filter
-    names = [n for n in list_models(f'{prefix}*') if model_entrypoint(n).__module__ == module.__name__]
-    return filter_fn, names
+    return FAMILIES[family]
 
 
 def _classifier_classes(state_dict: Dict[str, torch.Tensor], architecture: str) -> Optional[int]:
@@ -370,7 +356,7 @@ def convert_checkpoint(family: str, src, dst, model_name: Optional[str] = None, 
     if Path(dst).exists() and (not Path(dst).is_dir() or any(Path(dst).iterdir())) and not overwrite:
         raise FileExistsError(f'{dst} exists and is not empty: choose another destination, or overwrite its files '
                               'with --force (overwrite=True)')
-    filter_fn, names = _load_family(family)
+    filter_fn, names = _convertible(family).checkpoint_filter, _convertible(family).model_names()
     state_dict = unwrap_state_dict(load_checkpoint_file(src))
     if model_name is not None:
         architecture = split_model_name_tag(model_name)[0]
@@ -399,30 +385,3 @@ def convert_checkpoint(family: str, src, dst, model_name: Optional[str] = None, 
         f'{src} does not fit any {family} model (closest: {architecture}): {error} '
         f'Is it a {family} checkpoint? Pass --family for the network it was trained with'
         + ('' if model_name else ', or --model to name the configuration') + '.')
-
-
-def add_convert_args(parser) -> None:
-    """``dynzoo convert --family F SRC DST [--model NAME] [--num-classes N] [--dtype float16]``."""
-    parser.add_argument('--family', required=True, choices=sorted(FAMILIES), help='model family of the checkpoint')
-    parser.add_argument('src', help="the authors' checkpoint file (.pth, .pth.tar, .safetensors)")
-    parser.add_argument('dst', help='output folder (model.safetensors, config.json, README.md)')
-    parser.add_argument('--model', default=None, help='dynzoo architecture it holds (default: found from the keys)')
-    parser.add_argument('--num-classes', type=int, default=None, help="default: the checkpoint's classifier size")
-    parser.add_argument('--dtype', default='float32', choices=('float32', 'float16'), help='storage precision')
-    parser.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', default=[],
-                        help='constructor arguments of a configuration dynzoo does not register, e.g. n_blocks=10')
-    parser.add_argument('--force', action='store_true', help='write into a destination that is not empty')
-
-
-def run_convert(args) -> int:
-    """Handler of ``dynzoo convert``: prints what was written."""
-    model_kwargs = parse_key_values(args.model_kwargs, '--model-kwargs')
-    dst, name = convert_checkpoint(args.family, args.src, args.dst, model_name=args.model,
-                                   num_classes=args.num_classes, dtype=getattr(torch, args.dtype),
-                                   model_kwargs=model_kwargs, overwrite=args.force)
-    mirror = os.environ.get(MIRROR_ENV) or f'${MIRROR_ENV}'
-    kwargs = ''.join(f', {k}={v!r}' for k, v in model_kwargs.items())
-    print(f"converted {args.src} -> {dst} ({name}); load it with dynzoo.create_model('local-dir:{dst}', "
-          f"pretrained=True), or copy the folder to {mirror}/{HUB_ORG}/{name}/ and load it with "
-          f"dynzoo.create_model('{name}', pretrained=True{kwargs})")
-    return 0

@@ -1,5 +1,6 @@
 """Training losses for multi-exit networks."""
 from pathlib import Path
+from types import MappingProxyType
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -66,6 +67,9 @@ class SCANLoss(nn.Module):
     ``forward(outputs, target)`` takes ``outputs = model(x, return_features=True)``.
     """
 
+    # what the trainer passes to the model: this loss needs the exits' features too
+    forward_kwargs = MappingProxyType({'return_features': True})
+
     def __init__(self, lambda_kd: float = 0.5, temperature: float = 3.0, feature_weight: float = 5e-7):
         super().__init__()
         self.lambda_kd = lambda_kd
@@ -106,6 +110,9 @@ class BYOTLoss(nn.Module):
     ``num_exits - 2 - k`` serves shallow exit ``k``, so layer 0 serves the deepest shallow exit and is unused by the
     code variant), which lets :meth:`load_adaptation_layers` read them from the authors' checkpoints.
     """
+
+    # what the trainer passes to the model: this loss needs the exits' features too
+    forward_kwargs = MappingProxyType({'return_features': True})
 
     def __init__(self, feature_dim: int = 512, num_exits: int = 4, alpha: float = 0.3, temperature: float = 3.0,
                  feature_weight: float = 0.03, variant: str = 'code'):

@@ -38,11 +38,19 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 from tqdm import tqdm
 
 from . import hub
+from ._moved import moved_attribute
 from .models._helpers import AS_REPORTED, FILE_ONLY, HUB_ORG, REPORTED_TOP1, unwrap_state_dict
 
 __all__ = ['OFFLINE_ENV', 'HUB_ERRORS', 'PretrainedWeightsNotFoundError', 'is_offline', 'cache_dir',
-           'url_and_file_name', 'download_url', 'resolve_pretrained_source', 'url_source', 'weights_table',
-           'add_weights_args', 'run_weights']
+           'url_and_file_name', 'download_url', 'resolve_pretrained_source', 'url_source', 'weights_table']
+
+# The command-line handlers moved to dynzoo.cli.
+_MOVED = {'add_weights_args': 'dynzoo.cli.weights', 'run_weights': 'dynzoo.cli.weights'}
+
+
+def __getattr__(name: str):
+    return moved_attribute(__name__, name, _MOVED)
+
 
 OFFLINE_ENV = 'DYNZOO_OFFLINE'
 # What huggingface_hub raises when a repository cannot be read: not published, offline and not cached, unreachable.
@@ -283,26 +291,3 @@ def weights_table(pattern: str = '*') -> List[Dict[str, str]]:
                          accuracy=label, size=_size(local),
                          cached='shipped' if source == 'shipped' else 'yes' if local else 'no'))
     return rows
-
-
-def add_weights_args(parser) -> None:
-    """``dynzoo weights [PATTERN]``."""
-    parser.add_argument('pattern', nargs='?', default='*', help="wildcard on the names, e.g. 'msdnet_step*'")
-
-
-def run_weights(args) -> int:
-    """Handler of ``dynzoo weights``: prints the table of every pretrained tag."""
-    rows = weights_table(args.pattern)
-    if not rows:
-        print(f'no pretrained tag matches {args.pattern!r}')
-        return 0
-    columns = ('name', 'top1', 'accuracy', 'size', 'cached', 'source')
-    headers = dict(name='weights', top1='top-1 % per exit', accuracy='accuracy', size='size', cached='cached here',
-                   source='source')
-    widths = {c: max(len(headers[c]), *(len(r[c]) for r in rows)) for c in columns}
-    print('  '.join(headers[c].ljust(widths[c]) for c in columns).rstrip())
-    for row in rows:
-        print('  '.join(row[c].ljust(widths[c]) for c in columns).rstrip())
-    print(f'cache: {cache_dir()} (URL and file-only weights); Hugging Face cache: '
-          f'{huggingface_hub.constants.HF_HUB_CACHE}')
-    return 0

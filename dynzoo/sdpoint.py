@@ -1,16 +1,19 @@
-"""SDPoint helpers: per-instance BN recalibration, per-instance MACs and instance choice under a budget.
+"""SDPoint instances: per-instance batch-norm recalibration, evaluation, MACs, and the choice of one under a budget.
 
-The networks live in ``dynzoo.models.sdpoint`` (``sdpoint_resnet50``, ``sdpoint_preresnet101``, ...).
+The networks live in ``dynzoo.models.sdpoint`` (``sdpoint_resnet50``, ``sdpoint_preresnet101``, ...); the trainer,
+``dynzoo.hub``'s model cards and the command line take every per-instance step from here.
 """
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .evaluate import topk_correct
 from .flops import CONV_LINEAR_OPS, _deprecated, _eval_mode, _example_input, count_macs
 from .models.sdpoint import Instance, SDPointResNet
 
-__all__ = ['recalibrate_bn', 'instance_macs', 'instance_flops', 'select_instance']
+__all__ = ['recalibrate_bn', 'evaluate_instances', 'instance_macs', 'instance_flops', 'instance_rows',
+           'select_instance']
 
 
 def _require_sdpoint(model) -> None:
@@ -69,6 +72,26 @@ def recalibrate_bn(model: SDPointResNet, loader: Iterable, instances: Optional[S
     return model
 
 
+@torch.no_grad()
+def evaluate_instances(model: SDPointResNet, loader: Iterable, instances: Optional[Sequence] = None
+                       ) -> Dict[str, float]:
+    """Top-1 (%) of every instance (default: all of ``model.instances()``), ``{instance name: accuracy}``, in one
+    pass over ``loader``'s ``(images, labels)`` batches, in eval mode."""
+    _require_sdpoint(model)
+    instances = model.instances() if instances is None else [model.check_instance(i) for i in instances]
+    model.eval()
+    device = next(model.parameters()).device
+    correct, total = [0] * len(instances), 0
+    for images, target in loader:
+        images, target = images.to(device), target.to(device)
+        for i, instance in enumerate(instances):
+            correct[i] += topk_correct(model(images, instance=instance), target)[0]
+        total += len(target)
+    if total == 0:
+        raise ValueError('evaluate_instances got an empty loader')
+    return {instance.name: 100.0 * c / total for instance, c in zip(instances, correct)}
+
+
 class _InstanceGraph(nn.Module):
     """``forward(x)`` runs one instance, so that fvcore can trace it."""
 
@@ -105,6 +128,17 @@ def instance_flops(model: SDPointResNet, input_size: Optional[Sequence[int]] = N
     _deprecated('instance_flops', 'instance_macs', note='; instance_macs counts conv + linear only by default, as '
                 'per_exit_macs: pass ops=None for the count instance_flops gave')
     return instance_macs(model, input_size, instances, ops)
+
+
+def instance_rows(model: SDPointResNet, per_instance_accuracy: Mapping[str, float]) -> List[Dict[str, Any]]:
+    """``[{instance, macs, top1}]`` for the instances named in ``per_instance_accuracy``, in ``model.instances()``
+    order, with their ``instance_macs`` (what a model card tabulates)."""
+    macs = instance_macs(model)
+    unknown = set(per_instance_accuracy) - {instance.name for instance in macs}
+    if unknown:
+        raise ValueError(f'per_instance_accuracy names instances the model does not have: {sorted(unknown)}')
+    return [dict(instance=instance.name, macs=count, top1=float(per_instance_accuracy[instance.name]))
+            for instance, count in macs.items() if instance.name in per_instance_accuracy]
 
 
 def _as_instance(key) -> Instance:

@@ -20,7 +20,8 @@ from PIL import Image
 
 import dynzoo
 from dynzoo import cli
-from dynzoo import train as dtrain
+from dynzoo.cli.train import add_train_args, main as train_main
+from dynzoo.train.distributed import rng_state
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _trainers_last_pth(model) -> Path:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train.save_checkpoint(path, dict(
         epoch=1, global_step=10, model=model.state_dict(), criterion={}, optimizer=optimizer.state_dict(),
-        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1).state_dict(), rng=[train._rng_state()],
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1).state_dict(), rng=[rng_state()],
         history=[dict(epoch=1, train_loss=2.0)], train_time=1.0, config=dict(epochs=1), model_name='msdnet'))
     return path
 
@@ -149,7 +150,7 @@ def _eval_trainers_last_pth():
 
 def _resume_from_garbage():
     parser = argparse.ArgumentParser()
-    train.add_train_args(parser)
+    add_train_args(parser)
     return train.run_train(parser.parse_args([
         '--model', 'msdnet_cifar_lin5', '--dataset', 'synthetic', '--output', str(_ckpt_tmp() / 'run'),
         '--resume', str(_garbage(b'\x80\x02h\x00.')), '--no-progress']))
@@ -381,7 +382,7 @@ CASES += [
 def _train(*argv):
     from dynzoo import train
     parser = argparse.ArgumentParser()
-    train.add_train_args(parser)
+    add_train_args(parser)
     return train.run_train(parser.parse_args(['--model', 'msdnet_cifar_b7', '--dataset', 'synthetic', '--workers', '0',
                                               '--output', '/nonexistent/dynzoo-run', *argv]))
 
@@ -470,7 +471,7 @@ CASES += [
          check=_error_line('no complete cifar10 download in /no/such/folder')),
     Case('train-module-unknown-model-keyword',
          lambda: _cli('--model', 'resnet_mc_cifar', '--model-kwargs', 'depth_typo=3', '--dataset', 'synthetic',
-                      '--output', _file('run', lambda p: None), main=dtrain.main),
+                      '--output', _file('run', lambda p: None), main=train_main),
          check=_error_line("unexpected keyword argument 'depth_typo'", prog='python -m dynzoo.train')),
 ]
 

@@ -50,7 +50,7 @@ def test_user_error_is_one_line_and_status_2_bug_keeps_its_traceback(monkeypatch
     def bug(args):
         raise RuntimeError('a bug')
 
-    monkeypatch.setattr('dynzoo.evaluate.run_bench', bug)
+    monkeypatch.setattr('dynzoo.cli.evaluate.run_bench', bug)
     with pytest.raises(RuntimeError, match='a bug'):
         main(['bench', 'msdnet_cifar_b7'])
     assert capsys.readouterr().err == ''

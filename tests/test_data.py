@@ -147,6 +147,8 @@ def test_image_folder(tmp_path):
     image, label = dataset[1]
     assert dataset.classes == ['cat', 'dog'] and label == 1 and image.shape == (3, 32, 32)
     assert data.image_folder(tmp_path, train=True, input_size=32)[0][0].shape == (3, 32, 32)
+    as_tensor = data.image_folder(tmp_path, train=True, transform=lambda image: torch.tensor(image.size))
+    assert as_tensor[0][0].tolist() == [48, 40]  # the given transform, not the preset's
     with pytest.raises(FileNotFoundError, match='val'):
         data.image_folder(tmp_path / 'nowhere', train=False)
 

@@ -13,6 +13,7 @@ from timm.models import PretrainedCfg
 
 import dynzoo
 from dynzoo import hub
+from dynzoo.cli.convert import add_convert_args, run_convert
 from dynzoo.models import CheckpointMismatchError
 
 TINY = dict(n_blocks=2, base=1, step=1, channels=4, growth_rate=2)
@@ -148,8 +149,8 @@ def test_bad_files_raise_clear_errors(tmp_path, monkeypatch, unittest_tag):
 
 def _convert(*argv):
     parser = argparse.ArgumentParser()
-    hub.add_convert_args(parser)
-    return hub.run_convert(parser.parse_args([str(a) for a in argv]))
+    add_convert_args(parser)
+    return run_convert(parser.parse_args([str(a) for a in argv]))
 
 
 def test_convert_authors_checkpoint(tmp_path, capsys):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import dynzoo
-from dynzoo.evaluate import _model_name, add_bench_args, add_eval_args, run_bench, run_eval
+from dynzoo.cli.evaluate import add_bench_args, add_eval_args, run_bench, run_eval
+from dynzoo.evaluate import measure_early_exit, model_name
 from dynzoo.inference import (ALWAYS, NEVER, ExitRule, early_exit, evaluate_budgeted, fit_thresholds,
                               genetic_threshold_search, geometric_fractions, scan_predict, simulate_early_exit)
 
@@ -186,11 +187,13 @@ def test_scan_predict_real_equals_simulated(msdnet):
 
 @pytest.fixture
 def count_calls(monkeypatch):
-    """Counts the calls of dynzoo.flops.count_macs (every fvcore trace) while the test runs."""
+    """Counts the counting passes while the test runs: fvcore traces (``count_macs``) and the one-forward count of
+    every stage and head (``_stage_and_head_macs``)."""
     calls = []
-    count_macs = dynzoo.flops.count_macs
-    monkeypatch.setattr(dynzoo.flops, 'count_macs', lambda *args, **kwargs: calls.append(1) or count_macs(*args,
-                                                                                                          **kwargs))
+    for name in ('count_macs', '_stage_and_head_macs'):
+        count = getattr(dynzoo.flops, name)
+        monkeypatch.setattr(dynzoo.flops, name, lambda *args, _count=count, **kwargs: calls.append(1) or _count(
+            *args, **kwargs))
     return calls
 
 
@@ -200,10 +203,10 @@ def test_default_call_counts_once_per_model_size_and_change(count_calls):
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     everyone_at_the_end = [NEVER] * 4
     first = early_exit(model, x, everyone_at_the_end)
-    assert len(count_calls) == model.num_exits  # one trace per exit, cascade scope
+    assert len(count_calls) == 1  # one forward counts every exit's cascade cost
     again = early_exit(model, x, everyone_at_the_end)
     scan_predict(model, x, thresholds=[0.5] * 5, relative_costs=[1] * 6)
-    assert len(count_calls) == model.num_exits and again.macs == first.macs  # taken from the cache
+    assert len(count_calls) == 1 and again.macs == first.macs  # taken from the cache
     fresh = dynzoo.per_exit_macs(dynzoo.create_model('msdnet_cifar_lin5', num_classes=10))
     assert first.macs == 4 * fresh[-1]
 
@@ -321,8 +324,8 @@ def test_cli_eval_and_bench_smoke(tmp_path, capsys):
 
 
 def test_tables_name_models_with_their_tag():
-    assert _model_name(dynzoo.create_model('resnet_mc_cifar.c10')) == 'resnet_mc_cifar.c10'
-    assert _model_name(dynzoo.create_model('resnet_mc_cifar')) == 'resnet_mc_cifar'
+    assert model_name(dynzoo.create_model('resnet_mc_cifar.c10')) == 'resnet_mc_cifar.c10'
+    assert model_name(dynzoo.create_model('resnet_mc_cifar')) == 'resnet_mc_cifar'
 
 
 def test_early_exit_refuses_training_mode_and_single_exit_models():
@@ -367,3 +370,18 @@ def test_retain_freed_memory_stops_page_faults_of_reused_blocks():
                                        check=True).stdout) for mode in ('default', 'retain')}
     assert faults['default'] > 5000
     assert faults['retain'] < 500
+
+
+def test_measure_early_exit_counts_where_images_leave_and_what_they_cost():
+    torch.manual_seed(0)
+    model = dynzoo.create_model('msdnet_cifar_lin5', num_classes=10).eval()
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    loader = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    macs = dynzoo.per_exit_macs(model)
+    everyone_at_the_end = measure_early_exit(model, loader, ExitRule([NEVER] * 4))
+    assert everyone_at_the_end['exit_fractions'] == [0, 0, 0, 0, 1] and everyone_at_the_end['macs_ratio'] == 1
+    predictions = model(images)[-1].argmax(1)
+    assert everyone_at_the_end['accuracy'] == (predictions == labels).double().mean().item()
+    everyone_first = measure_early_exit(model, loader, ExitRule([ALWAYS] * 4))
+    assert everyone_first['exit_fractions'] == [1, 0, 0, 0, 0] and everyone_first['mean_macs'] == macs[0]
+

@@ -10,7 +10,8 @@ from PIL import Image
 
 import dynzoo
 from dynzoo.data import load_sample
-from dynzoo.evaluate import add_eval_args, eval_transform, run_eval
+from dynzoo.cli.evaluate import add_eval_args, run_eval
+from dynzoo.evaluate import eval_transform
 from dynzoo.inference import (ALWAYS, NEVER, early_exit, evaluate_budgeted, fit_thresholds, geometric_fractions,
                               run_exit_rule, simulate_early_exit, _precomputed_exits)
 from dynzoo.policies import CRITERIA, ExitPolicy, expected_calibration_error, fit_temperatures, fit_to_budget

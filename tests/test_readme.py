@@ -29,7 +29,7 @@ def _run_command(argv):
         from dynzoo.cli import main
         assert main(argv[1:]) == 0, argv
     elif argv[:3] == ['python', '-m', 'dynzoo.train']:
-        from dynzoo.train import add_train_args
+        from dynzoo.cli.train import add_train_args
         parser = argparse.ArgumentParser()
         add_train_args(parser)
         parser.parse_args(argv[3:])

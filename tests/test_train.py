@@ -1,7 +1,7 @@
 """dynzoo.train: presets, losses per family, exact resume after a kill, DDP on 2 gloo processes = 1 process.
 
 Run as a script (``torchrun ... tests/test_train.py ARGS``), this file registers the BN-free toy model and runs
-``dynzoo.train.main(ARGS)``: the DDP test uses it as the worker.
+``dynzoo.cli.train.main(ARGS)`` (``python -m dynzoo.train``): the DDP test uses it as the worker.
 """
 import argparse
 import json
@@ -20,6 +20,7 @@ from torch import nn
 import dynzoo
 from dynzoo import losses
 from dynzoo import train as dtrain
+from dynzoo.cli.train import add_train_args, main as train_main
 from dynzoo.models import MultiExitNetwork
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def toy_exits_test(pretrained: bool = False, **kwargs) -> ToyExits:
 
 def _args(*argv):
     parser = argparse.ArgumentParser()
-    dtrain.add_train_args(parser)
+    add_train_args(parser)
     return parser.parse_args([str(a) for a in argv])
 
 
@@ -257,7 +258,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
 
 
 if __name__ == '__main__':
-    raise SystemExit(dtrain.main(sys.argv[1:]))
+    raise SystemExit(train_main(sys.argv[1:]))
 
 
 def test_sdpoint_run_ends_with_per_instance_batch_norm_and_accuracy(tmp_path):
@@ -285,7 +286,8 @@ def test_sdpoint_run_ends_with_per_instance_batch_norm_and_accuracy(tmp_path):
 
 
 def test_holdout_leaves_out_the_images_budgeted_evaluation_fits_on(monkeypatch):
-    from dynzoo import data, evaluate
+    from dynzoo import data
+    from dynzoo.cli import evaluate
     images = np.zeros((100, 32, 32, 3), dtype=np.uint8)
     def fake_cifar(split, transform=None, **kwargs):  # labels are the image indices
         return data.ArrayDataset(images, np.arange(100) if split == 'train' else np.zeros(100, dtype=np.int64),

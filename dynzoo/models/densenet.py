@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models import generate_default_cfgs, register_model
 
-from ..data import normalization
+from ._normalization import normalization
 from ._exits import MultiExitNetwork
 from ._helpers import build_model, dynzoo_default_cfgs, make_checkpoint_filter
 from ._inputs import check_input_tensor

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 from timm.models import generate_default_cfgs, register_model
 
-from ..data import normalization
+from ._normalization import normalization
 from ._exits import SPARE_CHANNELS, MultiExitNetwork
 from ._fuse import FoldedBatchNorm
 from ._helpers import (CheckpointMismatchError, build_model, check_state_dict, dynzoo_default_cfgs, init_he_fan_out,
                        unwrap_state_dict)
 
-__all__ = ['MSDNet', 'checkpoint_filter_fn']
+__all__ = ['MSDNet', 'checkpoint_filter_fn', 'msdnet_op_counter']
 
 class ConvBnAct(nn.Module):
     """Conv (no bias) - BN - ReLU, held in ``net`` as in the authors' key layout."""
@@ -299,8 +299,6 @@ class MSDNet(MultiExitNetwork):
     ``channels``-wide heads; 'cifar': 3x3 conv and 128-wide heads).
     """
 
-    flops_convention = 'msdnet_op_counter'
-
     def __init__(
             self,
             n_blocks: int = 5,
@@ -554,3 +552,35 @@ def msdnet_cifar_lin7(pretrained: bool = False, **kwargs) -> MSDNet:
     """CIFAR budgeted-batch MSDNet, 7 exits, blocks of 1..7 layers (the Lua CIFAR-10 recipe), 3.89M params at 10."""
     return _create_msdnet('msdnet_cifar_lin7', pretrained,
                           **_cifar_kwargs(kwargs, n_blocks=7, step_mode='lin_grow', step=1, base=1))
+
+
+def msdnet_op_counter(model: nn.Module, x: torch.Tensor) -> List[int]:
+    """MACs per exit as the MSDNet authors' ``op_counter.py`` counts them (``dynzoo.per_exit_macs(model,
+    convention='authors')``): conv MACs (no bias) + ReLU input elements + pooling (output elements x kernel area) +
+    Linear (weights + biases), accumulated over one full forward and recorded each time a Linear fires, so exit k
+    includes heads 1..k-1. The paper calls these counts FLOPs."""
+    total, per_exit = 0, []
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += (module.in_channels * module.out_channels * kh * kw * output.shape[2] * output.shape[3]
+                      // module.groups)
+        elif isinstance(module, nn.ReLU):
+            total += inputs[0].numel()
+        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+            k = module.kernel_size
+            area = k * k if isinstance(k, int) else k[0] * k[1]
+            total += output.numel() * area
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+            per_exit.append(total)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return per_exit

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models import generate_default_cfgs, register_model
 
-from ..data import normalization
+from ._normalization import normalization
 from ._exits import MultiExitNetwork
 from ._helpers import build_model, checkpoint_filter, dynzoo_default_cfgs, init_he_fan_out
 

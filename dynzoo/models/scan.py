@@ -32,7 +32,7 @@ from torch import nn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 
-from ..data import normalization
+from ._normalization import normalization
 from ._exits import MultiExitNetwork
 from ._helpers import build_model, dynzoo_default_cfgs, init_he_fan_out, make_checkpoint_filter
 

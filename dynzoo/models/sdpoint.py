@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models import generate_default_cfgs, register_model
 
-from ..data import normalization
+from ._normalization import normalization
 from ._helpers import build_model, check_state_dict, dynzoo_default_cfgs, init_he_fan_out, unwrap_state_dict
 from ._inputs import check_input_tensor
 

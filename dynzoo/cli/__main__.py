@@ -1,0 +1,4 @@
+"""``python -m dynzoo.cli``: the ``dynzoo`` command."""
+from . import main
+
+raise SystemExit(main())
