@@ -17,7 +17,7 @@ start() {  # start NAME NICE ARGS...
   if pgrep -f -- "--output $STATE/$name " >/dev/null; then echo "$name: already running"; return; fi
   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup nice -n "$nice" "$PYTHON" -m dynzoo.train "$@" \
     --dataset cifar10 --data-path "$DATA" --output "$STATE/$name" --compact-dir "training/$name" --resume \
-    --model-ema --workers 1 --no-progress --export-name "$name" --export-dtype float16 >>"$STATE/$name.log" 2>&1 &
+    --model-ema --workers 1 --no-progress --retain-freed-memory --export-name "$name" --export-dtype float16 >>"$STATE/$name.log" 2>&1 &
   echo "$name: started (log $STATE/$name.log)"
 }
 
