@@ -44,7 +44,7 @@ class _ExitGraph(nn.Module):
         for i in range(self.k + 1):
             state = self.model.forward_stage(i, state)
             if i in self.heads:
-                outputs.append(self.model.forward_head(i, state))
+                outputs.append(self.model.forward_exit(i, state))
         if self.keep_state:
             outputs += flatten_tensors(state)
         return tuple(outputs)
@@ -200,7 +200,7 @@ def per_exit_params(model: MultiExitNetwork, input_size: Optional[Sequence[int]]
         state = x
         for k in range(model.num_exits):
             state = model.forward_stage(k, state)
-            model.forward_head(k, state)
+            model.forward_exit(k, state)
             params = {id(p): p for m in called for p in m.parameters(recurse=False)}
             counts.append(sum(p.numel() for p in params.values()))
     return counts

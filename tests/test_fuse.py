@@ -10,7 +10,7 @@ from dynzoo.data import load_sample
 from dynzoo.evaluate import eval_transform
 from dynzoo.inference import NEVER, early_exit, fit_thresholds, geometric_fractions
 from dynzoo.models import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference, compact_batch
-from dynzoo.models._exits import SPARE_CHANNELS
+from dynzoo.models._exits import GrowingMap, feature_map
 from dynzoo.models.msdnet import (MultiScaleDenseLayer, SameScaleDenseLayer, ScaleTransition, SharedBottleneckLayer,
                                    TwoScaleDenseLayer)
 
@@ -112,11 +112,13 @@ def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
             for exit_expected, exit_got in zip(expected, optimized(x)):
                 assert (exit_got - exit_expected).abs().max() <= 1e-10 * exit_expected.abs().max()
         first = optimized.forward_stage(0, x)
-        assert first[0].shape[1] == 40 and first[0].untyped_storage().nbytes() > first[0].numel() * 8
+        assert isinstance(first[0], GrowingMap) and first[0].map.shape[1] == 40
+        assert first[0].spare[0].shape[1] > 40 and first[0].map.data_ptr() == first[0].spare[0].data_ptr()
         again, twice = optimized.forward_stage(1, first), optimized.forward_stage(1, first)
-        kept = [t.clone() for t in again]
+        assert not first[0].spare  # the first call took the buffer: the second one copied into a fresh one
+        kept = [feature_map(t).clone() for t in again]
         optimized.forward_stage(2, again)  # appends into again's spare channels: again itself must not change
-        for a, b, c in zip(again, twice, kept):
+        for a, b, c in zip(map(feature_map, again), map(feature_map, twice), kept):
             assert torch.equal(a, b) and torch.equal(a, c) and a.data_ptr() != b.data_ptr()
     # with autograd on, the optimized layers fall back to torch.cat and gradients flow
     optimized(x.requires_grad_())[-1].sum().backward()
@@ -167,16 +169,16 @@ def test_compacted_samples_move_in_place_keep_spare_channels_and_grow_in_place()
     x_before = x.clone()
     with torch.no_grad():
         grown = first(x)
-        original = grown.clone()
-        buffer = grown.__dict__[SPARE_CHANNELS]
+        original = grown.map.clone()
+        buffer = grown.spare[0]
         (compacted,), order = compact_batch([grown], torch.tensor([4, 0, 3]), x)
         assert order.tolist() == [1, 0, 2]  # 0 stays in row 0, 4 fills the row 1 left, 3 is inside the first 3
-        assert torch.equal(compacted[order], original[[4, 0, 3]])
-        assert compacted.data_ptr() == buffer.data_ptr()  # compacted in place, no new tensor
-        assert compacted.__dict__[SPARE_CHANNELS].shape == (3, 14, 6, 6)
+        assert torch.equal(compacted.map[order], original[[4, 0, 3]])
+        assert compacted.map.data_ptr() == buffer.data_ptr()  # compacted in place, no new tensor
+        assert compacted.spare[0].shape == (3, 14, 6, 6) and not grown.spare  # the right to grow moved on
         appended = second(compacted)
-        assert appended.data_ptr() == buffer.data_ptr()  # the next layer still appends in place
-        assert torch.equal(appended, torch.cat([compacted, second.conv_normal(compacted)], 1))
+        assert appended.map.data_ptr() == buffer.data_ptr()  # the next layer still appends in place
+        assert torch.equal(appended.map, torch.cat([compacted.map, second.conv_normal(compacted.map)], 1))
         (from_input, view_of_input), order = compact_batch([x, x[:, :2]], torch.tensor([4, 0, 3]), x)
         overlapping = torch.arange(12.0).as_strided((5, 4), (2, 1))  # sample i is elements 2i .. 2i + 3
         expected = overlapping[[4, 0, 3]]
