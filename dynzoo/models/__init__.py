@@ -6,4 +6,4 @@ from .scan import ScanResNet
 from .densenet_bc import DenseNet, DenseNetMC
 from .resnet_mc import ResNetMC
 from .sdpoint import Instance, SDPointResNet
-from ._fuse import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference
+from ._fuse import FoldedBatchNorm, PointwiseConv, folded_batch_norms, fuse_conv_bn, optimize_for_inference

@@ -58,9 +58,10 @@ def compact_batch(state, rows: torch.Tensor, protected: torch.Tensor):
     tensors (a narrowed view), and its row ``order[i]`` is old row ``rows[i]``. A kept sample already in those first
     rows stays where it is; each of the others is copied once, into a row a leaving sample freed. When a quarter of
     the batch leaves, that moves about a quarter of the kept samples' maps, where gathering them into new tensors
-    would copy all of them (and a ``GrowingMap`` keeps growing in place in its buffer). A tensor that shares memory with ``protected`` (the caller's input) is never written: its kept rows are
-    gathered into a new tensor, in the same memory format, in the same order; so is one whose samples share memory
-    with each other (a batch expanded from one sample).
+    would copy all of them (and a ``GrowingMap`` keeps growing in place in its buffer). A tensor that shares memory
+    with ``protected`` (the caller's input) is never written: its kept rows are gathered into a new tensor, in the
+    same memory format, in the same order; so is one whose samples share memory with each other (a batch expanded
+    from one sample).
     """
     size = len(rows)
     stays = rows < size

@@ -119,7 +119,8 @@ class DenseLayer(nn.Module):
 
     def bottleneck(self, features: List[torch.Tensor]) -> torch.Tensor:
         """The 1x1 bottleneck output; memory-efficient only when a backward pass can follow (else nothing is saved)
-        and not under ``torch.jit.trace`` or ``torch.fx`` tracing (fvcore and fx graphs get the plain, identical path)."""
+        and not under ``torch.jit.trace`` or ``torch.fx`` tracing (fvcore and fx graphs get the plain, identical
+        path)."""
         params = (self.norm1.weight, self.norm1.bias, self.conv1.weight)
         if (self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_tracing()
                 and not is_fx_tracing()

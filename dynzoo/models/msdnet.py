@@ -241,7 +241,8 @@ def _is_folded_bottleneck(net: nn.Sequential) -> bool:
 
 
 def _merged_pointwise(convs: Sequence[nn.Conv2d]) -> nn.Sequential:
-    """One 1x1 conv (+ ReLU) computing the outputs of BN-folded 1x1 convs that read the same input, stacked."""
+    """One 1x1 conv (+ ReLU) computing the outputs of BN-folded 1x1 convs that read the same input, stacked; a
+    ``FoldedBatchNorm`` keeps count of their BatchNorms."""
     weight = convs[0].weight
     merged = nn.Conv2d(convs[0].in_channels, sum(c.out_channels for c in convs), 1, dtype=weight.dtype,
                        device=weight.device)
@@ -249,7 +250,7 @@ def _merged_pointwise(convs: Sequence[nn.Conv2d]) -> nn.Sequential:
         merged.weight.copy_(torch.cat([c.weight for c in convs]))
         merged.bias.copy_(torch.cat([c.bias for c in convs]))
     merged.requires_grad_(weight.requires_grad)
-    return nn.Sequential(merged, nn.ReLU(inplace=True))
+    return nn.Sequential(merged, FoldedBatchNorm(merged.out_channels, folded=len(convs)).eval(), nn.ReLU(inplace=True))
 
 
 class ScaleTransition(nn.Module):
@@ -380,7 +381,8 @@ class MSDNet(MultiExitNetwork):
             blocks.append(nn.Sequential(*block))
             head_chs = width * gr_factor[-1]
             heads.append(ExitHead(head_chs, head_chs if stem == 'imagenet' else 128, num_classes))
-            self.feature_info.append(dict(num_chs=head_chs, reduction=coarsest_stride, module=f'blocks.{len(blocks) - 1}'))
+            self.feature_info.append(
+                dict(num_chs=head_chs, reduction=coarsest_stride, module=f'blocks.{len(blocks) - 1}'))
         self.num_features = self.feature_info[-1]['num_chs']
         self.head_hidden_size = heads[-1].hidden_size
         self.blocks = nn.ModuleList(blocks)

@@ -28,6 +28,7 @@ import logging
 from typing import Dict, List, Tuple, Type, Union
 
 import torch
+import torch.fx
 from torch import nn
 from timm.models import register_model
 from timm.models.resnet import BasicBlock, Bottleneck
@@ -199,8 +200,9 @@ class ScanResNet(MultiExitNetwork):
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         """Exit logits, shallow first. With ``return_features=True``: ``(logits, features)``, two lists of four
-        tensors, shallow first; ``features[k]`` is the ``(N, 512 * expansion)`` input of ``fc{k+1}``."""
-        if not return_features:
+        tensors, shallow first; ``features[k]`` is the ``(N, 512 * expansion)`` input of ``fc{k+1}``. ``torch.fx``
+        traces the default, the logits alone."""
+        if isinstance(return_features, torch.fx.Proxy) or not return_features:
             return super().forward(x)
         if not torch.jit.is_scripting():
             self.check_input(x)
