@@ -27,7 +27,7 @@ from .cli import parse_key_values
 from .factory import create_model
 from .flops import per_exit_macs
 from .inference import ExitRule, run_exit_rule
-from .models._exits import MultiExitNetwork, flatten_tensors
+from .models._exits import GrowingMap, MultiExitNetwork, flatten_tensors
 
 __all__ = ['FORMATS', 'MANIFEST', 'export_stages', 'OnnxEarlyExit', 'OnnxEarlyExitResult']
 
@@ -71,8 +71,9 @@ class _Cascade(nn.Module):
 
 
 def _structure(state):
-    """The nesting of a stage state: None for a tensor, else ``(list or tuple, [children])``."""
-    if isinstance(state, torch.Tensor):
+    """The nesting of a stage state: None for a tensor (a ``GrowingMap`` is its map), else ``(list or tuple,
+    [children])``."""
+    if isinstance(state, (torch.Tensor, GrowingMap)):
         return None
     return type(state), [_structure(s) for s in state]
 
