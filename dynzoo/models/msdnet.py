@@ -459,8 +459,8 @@ def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
 
 def _cfg(num_exits: int, url: str = '', **kwargs):
     return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'),
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'min_input_size': (3, 129, 129),
+        'pool_size': (7, 7), 'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'),
         'first_conv': 'blocks.0.0.layers.0.0',
         'classifier': tuple(f'classifier.{k}.linear' for k in range(num_exits)),
         'license': 'mit', 'paper_ids': 'arXiv:1703.09844', 'paper_name': 'Multi-Scale Dense Networks for Resource '
@@ -470,7 +470,8 @@ def _cfg(num_exits: int, url: str = '', **kwargs):
 
 
 def _cifar_cfg(num_exits: int, **kwargs):
-    kwargs = {'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'crop_pct': 1.0,
+    kwargs = {'num_classes': 100, 'input_size': (3, 32, 32), 'min_input_size': (3, 17, 17), 'pool_size': (8, 8),
+              'crop_pct': 1.0,
               **normalization('msdnet_cifar'),
               'first_conv': 'blocks.0.0.layers.0.net.0', **kwargs}
     return _cfg(num_exits, **kwargs)
