@@ -143,6 +143,20 @@ def test_fx_traces_the_models(name):
     assert not any(n.op == 'call_function' and 'check' in str(n.target) for n in graph.graph.nodes)
 
 
+@pytest.mark.parametrize('name', ['resnet_mc_cifar', 'sdpoint_preresnet_cifar'])
+def test_torch_export_and_jit_trace_run_through_the_input_checks(name):
+    model = dynzoo.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tracer warnings
+        expected = model(x)
+        graphs = [torch.export.export(model, (x,)).module(), torch.jit.trace(model, x, strict=False)]
+        for graph in graphs:
+            got = graph(x)
+            for e, g in zip(*[[t] if isinstance(t, torch.Tensor) else t for t in (expected, got)], strict=True):
+                torch.testing.assert_close(g, e)
+
+
 def test_sdpoint_scripts_with_its_instances():
     model = dynzoo.create_model('sdpoint_preresnet_cifar').eval()
     with warnings.catch_warnings():

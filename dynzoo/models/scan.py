@@ -235,8 +235,7 @@ def _create_scan_resnet(variant: str, pretrained: bool = False, **kwargs) -> Sca
 
 def _cfg(preset: str, **kwargs):
     return {
-        'url': '', 'num_classes': 100, 'input_size': (3, 32, 32), 'fixed_input_size': True, 'pool_size': (4, 4),
-        'crop_pct': 1.0,
+        'url': '', 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (4, 4), 'crop_pct': 1.0,
         'interpolation': 'bilinear', **normalization(preset), 'first_conv': 'conv1',
         'classifier': ('fc1', 'fc2', 'fc3', 'fc4'),
         **kwargs,
