@@ -3,7 +3,8 @@
 A multi-exit network is a chain of *stages*, each followed by an exit *head*. A subclass implements
 
 * ``forward_stage(k, state)``: the work between exit ``k - 1`` and exit ``k`` (``state`` is the input image for
-  ``k == 0``, otherwise what ``forward_stage(k - 1, ...)`` returned: a tensor or a nested list/tuple of tensors),
+  ``k == 0``, otherwise what ``forward_stage(k - 1, ...)`` returned: a tensor or a nested list/tuple of tensors and
+  ``GrowingMap``s),
 * ``exit_input(k, state)``: the feature map exit ``k``'s head reads in the state after stage ``k`` (by default the
   state itself),
 * ``forward_exit_head(k, x, pre_logits=False)``: exit ``k``'s head on that feature map: its logits, or with
