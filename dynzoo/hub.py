@@ -53,7 +53,7 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     'scan': ('scan', 'scan_'),
     'byot': ('scan', 'byot_'),
     'sdpoint': ('sdpoint', 'sdpoint_'),
-    'densenet': ('densenet', 'densenet_'),
+    'densenet': ('densenet_bc', 'densenet_'),
 }
 
 class CheckpointFileError(ValueError):
