@@ -1,4 +1,5 @@
-"""Conventions every family shares: cost counting, evaluation, constructor overrides, classifier reset."""
+"""Conventions every family shares: timm's model API, cost counting, evaluation, constructor overrides, classifier reset."""
+import json
 import warnings
 
 import pytest
@@ -238,3 +239,9 @@ def test_collect_logits_refuses_labels_outside_the_models_classes():
         loader = DataLoader(TensorDataset(torch.randn(2, 3, 32, 32), torch.tensor(labels)), batch_size=2)
         with pytest.raises(ValueError, match=message):
             collect_logits(model, loader)
+
+
+@pytest.mark.parametrize('folder', sorted(p for p in dynzoo.models._helpers.PACKAGE_MIRROR.iterdir() if p.is_dir()))
+def test_shipped_configs_state_the_models_num_features(folder):
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['num_features'] == dynzoo.create_model(config['architecture']).num_features
