@@ -105,7 +105,7 @@ def stage_seconds(model, x):
     for k in range(model.num_exits):
         start = clock()
         state = model.forward_stage(k, state)
-        model.forward_head(k, state)
+        model.forward_exit(k, state)
         seconds.append(clock() - start)
     return seconds
 

@@ -1,6 +1,6 @@
 """Early exit outside PyTorch: every stage of a multi-exit network, with its exit head, as its own graph.
 
-``export_stages(model, folder)`` writes stage k (``forward_stage(k, ...)`` then ``forward_head(k, ...)``) as one
+``export_stages(model, folder)`` writes stage k (``forward_stage(k, ...)`` then ``forward_exit(k, ...)``) as one
 graph that takes stage k-1's state tensors (the image for stage 0) and returns its own state tensors and exit k's
 logits, with a dynamic batch dimension: ``stage_k.onnx`` (``torch.export``, then the dynamo ONNX exporter) or
 ``stage_k.pt2`` (``torch.export.save``). ``manifest.json`` lists the stages in exit order with their tensor names,
@@ -25,7 +25,7 @@ from torch import nn
 from ._moved import moved_attribute
 from .flops import per_exit_macs
 from .inference import ExitRule, run_exit_rule
-from .models._exits import MultiExitNetwork, flatten_tensors
+from .models._exits import GrowingMap, MultiExitNetwork, flatten_tensors
 
 __all__ = ['FORMATS', 'MANIFEST', 'export_stages', 'OnnxEarlyExit', 'OnnxEarlyExitResult']
 
@@ -58,7 +58,7 @@ class _Stage(nn.Module):
     def forward(self, *tensors: torch.Tensor):
         state = _unflatten(self.structure, iter(tensors))
         state = self.model.forward_stage(self.k, state)
-        return (*flatten_tensors(state), self.model.forward_head(self.k, state))
+        return (*flatten_tensors(state), self.model.forward_exit(self.k, state))
 
 
 class _Cascade(nn.Module):
@@ -72,13 +72,14 @@ class _Cascade(nn.Module):
         state, outputs = x, []
         for k in range(self.model.num_exits):
             state = self.model.forward_stage(k, state)
-            outputs += [*flatten_tensors(state), self.model.forward_head(k, state)]
+            outputs += [*flatten_tensors(state), self.model.forward_exit(k, state)]
         return tuple(outputs)
 
 
 def _structure(state):
-    """The nesting of a stage state: None for a tensor, else ``(list or tuple, [children])``."""
-    if isinstance(state, torch.Tensor):
+    """The nesting of a stage state: None for a tensor (a ``GrowingMap`` is its map), else ``(list or tuple,
+    [children])``."""
+    if isinstance(state, (torch.Tensor, GrowingMap)):
         return None
     return type(state), [_structure(s) for s in state]
 

@@ -14,7 +14,7 @@ from torch import nn
 from . import losses
 from .models import DenseNet, DenseNetMC, MSDNet, ResNetMC, ScanResNet, SDPointResNet
 from .models._helpers import checkpoint_filter
-from .models.densenet import checkpoint_filter_fn as densenet_checkpoint_filter
+from .models.densenet_bc import checkpoint_filter_fn as densenet_checkpoint_filter
 from .models.msdnet import checkpoint_filter_fn as msdnet_checkpoint_filter, msdnet_op_counter
 from .models.scan import checkpoint_filter_fn as scan_checkpoint_filter
 

@@ -45,7 +45,7 @@ class _ExitGraph(nn.Module):
         state, outputs = x, []
         for i in range(self.k + 1):
             state = self.model.forward_stage(i, state)
-            outputs.append(self.model.forward_head(i, state))
+            outputs.append(self.model.forward_exit(i, state))
         return tuple(outputs)
 
 
@@ -193,7 +193,7 @@ def _stage_and_head_macs(model: MultiExitNetwork, x: torch.Tensor) -> Tuple[List
             before = counter.get_total_flops()
             state = model.forward_stage(k, state)
             after_stage = counter.get_total_flops()
-            model.forward_head(k, state)
+            model.forward_exit(k, state)
             stages.append((after_stage - before) // 2)
             heads.append((counter.get_total_flops() - after_stage) // 2)
     return stages, heads
@@ -225,7 +225,7 @@ def per_exit_params(model: MultiExitNetwork, input_size: Optional[Sequence[int]]
         state = x
         for k in range(model.num_exits):
             state = model.forward_stage(k, state)
-            model.forward_head(k, state)
+            model.forward_exit(k, state)
             params = {id(p): p for m in called for p in m.parameters(recurse=False)}
             counts.append(sum(p.numel() for p in params.values()))
     return counts

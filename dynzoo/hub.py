@@ -101,13 +101,6 @@ def load_checkpoint_file(path) -> Any:
             'corrupt: download or save it again.') from e
 
 
-def _num_features(model: nn.Module) -> int:
-    if isinstance(getattr(model, 'num_features', None), int):
-        return model.num_features
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].in_features if linears else 0
-
-
 def _per_exit_stats(model: nn.Module) -> Dict[str, Any]:
     """Exits, MACs and parameters per exit, counted on the model's device and dtype (one exit if it has no exits)."""
     return dict(num_exits=getattr(model, 'num_exits', 1), per_exit_macs=per_exit_macs(model),
@@ -238,12 +231,9 @@ def save_pretrained(
     info = {k: v for k, v in info.items() if v is not None}
     channels_last = any(not t.is_contiguous() for t in model.state_dict().values())
     if dtype in (None, torch.float32) and not channels_last:
-        export = copy.copy(model)
+        export = model
     else:  # safetensors stores contiguous tensors
         export = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.contiguous_format)
-    # timm's save_for_hf reads num_features, which multi-exit networks get with timm's conventions (issue 24 item 4):
-    # until then the copy carries it
-    export.num_features = _num_features(model)
     pretrained_cfg = {'hf_hub_id': f'{HUB_ORG}/{model_name}'}
     if tag:
         pretrained_cfg['tag'] = tag

@@ -1,7 +1,9 @@
-"""Conventions every family shares: cost counting, evaluation, constructor overrides, classifier reset."""
+"""Conventions every family shares: timm's model API, cost counting, evaluation, constructor overrides, classifier reset."""
+import json
 import warnings
 
 import pytest
+import timm
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset, DataLoader
@@ -42,13 +44,153 @@ def test_constructor_arguments_override_the_registered_preset():
     assert sum(p.numel() for p in small.parameters()) < 7_978_856
 
 
+def _pre_logits(model, x):
+    """Every exit's pre-logits vector, through the per-exit API."""
+    state, vectors = x, []
+    for k in range(model.num_exits):
+        state = model.forward_stage(k, state)
+        vectors.append(model.forward_exit_head(k, model.exit_input(k, state), pre_logits=True))
+    return vectors
+
+
 @pytest.mark.parametrize('name', MULTI_EXIT_CIFAR)
-def test_reset_classifier_to_features(name):
+def test_reset_classifier_to_features_gives_the_pre_logits_and_back(name):
     model = dynzoo.create_model(name).eval()
-    model.reset_classifier(0)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        outputs = model(torch.randn(2, 3, 32, 32))
-    assert len(outputs) == model.num_exits and all(o.shape[1] != 0 and o.shape[1] != 100 for o in outputs)
+        pre_logits = _pre_logits(model, x)
+        model.reset_classifier(0)
+        assert model.num_classes == 0 and all(isinstance(c, nn.Identity) for c in model.get_classifier())
+        for got, expected in zip(model(x), pre_logits, strict=True):
+            assert torch.equal(got, expected)
+        assert pre_logits[-1].shape == (2, model.head_hidden_size)
+        model.reset_classifier(7, global_pool='avg')
+        assert [o.shape for o in model(x)] == [(2, 7)] * model.num_exits
+    with pytest.raises(ValueError, match="global_pool must be None or 'avg'"):
+        model.reset_classifier(7, global_pool='max')
+
+
+@pytest.mark.parametrize('name', MULTI_EXIT_CIFAR + ['densenet_bc_100_k12', 'sdpoint_preresnet_cifar'])
+def test_timm_single_model_api(name):
+    """forward_features is the map the final exit reads (pool_size x num_features), forward_head its head."""
+    model = dynzoo.create_model(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        final = out[-1] if isinstance(out, list) else out
+        features = model.forward_features(x)
+        assert features.shape == (2, model.num_features, *model.pretrained_cfg['pool_size'])
+        assert torch.equal(model.forward_head(features), final)
+        assert model.forward_head(features, pre_logits=True).shape == (2, model.head_hidden_size)
+        no_head = dynzoo.create_model(name, num_classes=0).eval()
+        no_head.load_state_dict({k: v for k, v in model.state_dict().items() if k in no_head.state_dict()})
+        out = no_head(x)
+        assert torch.equal(out[-1] if isinstance(out, list) else out, model.forward_head(features, pre_logits=True))
+
+
+@pytest.mark.parametrize('name', ['densenet_bc_100_k12', 'sdpoint_preresnet_cifar'])
+def test_single_exit_models_drop_pooling_like_timm(name):
+    model = dynzoo.create_model(name, num_classes=0, global_pool='').eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, model.num_features, 8, 8)
+        model.reset_classifier(5, global_pool='avg')
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_get_classifier_is_one_module_list_that_follows_resets():
+    model = dynzoo.create_model('scan_resnet18', num_classes=10)
+    classifiers = model.get_classifier()
+    assert classifiers is model.get_classifier() and list(classifiers) == [model.fc1, model.fc2, model.fc3, model.fc4]
+    model.reset_classifier(3)
+    assert model.get_classifier() is classifiers and list(classifiers) == [model.fc1, model.fc2, model.fc3, model.fc4]
+    assert [c.out_features for c in classifiers] == [3] * 4
+    assert not any(k.startswith('_classifiers') for k in model.state_dict())
+
+
+def test_forward_head_with_an_exit_index_is_the_deprecated_forward_exit():
+    model = dynzoo.create_model('resnet_mc_cifar', num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        state = model.forward_stage(0, x)
+        with pytest.warns(DeprecationWarning, match=r'forward_exit\(k, state\)'):
+            old = model.forward_head(0, state)
+        assert torch.equal(old, model.forward_exit(0, state)) and torch.equal(old, model(x)[0])
+
+
+@pytest.mark.parametrize('name', MULTI_EXIT_CIFAR + ['densenet_bc_100_k12', 'sdpoint_preresnet_cifar'])
+def test_features_only_returns_the_feature_info_maps(name):
+    model = timm.create_model(name, features_only=True).eval()
+    info = model.feature_info
+    assert len(info.channels()) >= 3
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 32, 32))
+    assert [m.shape[1] for m in maps] == info.channels()
+    assert [32 // m.shape[-1] for m in maps] == info.reduction()
+    last = timm.create_model(name, features_only=True, out_indices=(-1,)).eval()
+    last.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(last(torch.ones(1, 3, 32, 32))[0], last.model.forward_features(torch.ones(1, 3, 32, 32)))
+
+
+@pytest.mark.parametrize('name', MULTI_EXIT_CIFAR + ['densenet_bc_100_k12', 'sdpoint_preresnet_cifar'])
+def test_fx_traces_the_models(name):
+    model = dynzoo.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        expected, got = model(x), graph(x)
+    for e, g in zip(*[[t] if isinstance(t, torch.Tensor) else t for t in (expected, got)], strict=True):
+        assert torch.equal(e, g)
+    assert not any(n.op == 'call_function' and 'check' in str(n.target) for n in graph.graph.nodes)
+
+
+@pytest.mark.parametrize('name', ['resnet_mc_cifar', 'sdpoint_preresnet_cifar'])
+def test_torch_export_and_jit_trace_run_through_the_input_checks(name):
+    model = dynzoo.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tracer warnings
+        expected = model(x)
+        graphs = [torch.export.export(model, (x,)).module(), torch.jit.trace(model, x, strict=False)]
+        for graph in graphs:
+            got = graph(x)
+            for e, g in zip(*[[t] if isinstance(t, torch.Tensor) else t for t in (expected, got)], strict=True):
+                torch.testing.assert_close(g, e)
+
+
+def test_sdpoint_scripts_with_its_instances():
+    model = dynzoo.create_model('sdpoint_preresnet_cifar').eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.jit.script is deprecated
+        scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for instance in [None, (3, 0.5), (model.stem_point, 0.75)]:
+            torch.testing.assert_close(scripted(x, instance), model(x, instance=instance))
+
+
+@pytest.mark.parametrize('name', ['msdnet_cifar_b7.c10', 'sdpoint_preresnet_cifar.c10'])
+def test_shipped_weights_load_for_other_input_channels_and_no_classifier(name):
+    """timm adapts the first conv to in_chans after the checkpoint filter, and drops the classifier at 0 classes."""
+    gray = timm.create_model(name, pretrained=True, in_chans=1, num_classes=0)
+    rgb = timm.create_model(name, pretrained=True)
+    first_conv = rgb.pretrained_cfg['first_conv']
+    rgb_weight, gray_weight = (m.get_submodule(first_conv).weight for m in (rgb, gray))
+    # timm sums the RGB filters in float32 and rounds them back to the file's dtype (the shipped weights are 16-bit)
+    torch.testing.assert_close(gray_weight, rgb_weight.sum(1, keepdim=True), rtol=1e-2, atol=4e-3)
+    assert all(isinstance(c, nn.Identity) for c in (gray.get_classifier() if name.startswith('msdnet') else [gray.fc]))
+
+
+def test_module_names_do_not_mix_with_timms():
+    assert timm.list_models(module='densenet_bc') == [n for n in dynzoo.list_models() if n.startswith('densenet_bc')]
+    assert not set(timm.list_models(module='densenet')) & set(dynzoo.list_models())
+
+
+def test_untagged_config_stays_the_default():
+    from timm.models._registry import get_arch_pretrained_cfgs
+    model = timm.create_model('msdnet_cifar_b7')
+    assert model.num_classes == 100 and model.pretrained_cfg['num_classes'] == 100
+    assert list(get_arch_pretrained_cfgs('msdnet_cifar_b7')) == ['msdnet_cifar_b7', 'msdnet_cifar_b7.c10']
 
 
 class _CheckedConv(nn.Module):
@@ -97,3 +239,9 @@ def test_collect_logits_refuses_labels_outside_the_models_classes():
         loader = DataLoader(TensorDataset(torch.randn(2, 3, 32, 32), torch.tensor(labels)), batch_size=2)
         with pytest.raises(ValueError, match=message):
             collect_logits(model, loader)
+
+
+@pytest.mark.parametrize('folder', sorted(p for p in dynzoo.models._helpers.PACKAGE_MIRROR.iterdir() if p.is_dir()))
+def test_shipped_configs_state_the_models_num_features(folder):
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['num_features'] == dynzoo.create_model(config['architecture']).num_features

@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 import dynzoo
-from dynzoo.models import densenet as densenet_module
-from dynzoo.models.densenet import DenseNet, DenseNetMC, checkpoint_filter_fn
+from dynzoo.models import densenet_bc as densenet_module
+from dynzoo.models.densenet_bc import DenseNet, DenseNetMC, checkpoint_filter_fn
 from dynzoo.models.resnet_mc import ResNetMC
 
 from parity import deterministic_state_dict, load_keys, load_manifest, load_outputs

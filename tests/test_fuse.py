@@ -9,8 +9,9 @@ from timm.layers import freeze_batch_norm_2d
 from dynzoo.data import load_sample
 from dynzoo.evaluate import eval_transform
 from dynzoo.inference import NEVER, early_exit, fit_thresholds, geometric_fractions
-from dynzoo.models import FoldedBatchNorm, PointwiseConv, fuse_conv_bn, optimize_for_inference, compact_batch
-from dynzoo.models._exits import SPARE_CHANNELS
+from dynzoo.models import (FoldedBatchNorm, PointwiseConv, compact_batch, folded_batch_norms, fuse_conv_bn,
+                           optimize_for_inference)
+from dynzoo.models._exits import GrowingMap, feature_map
 from dynzoo.models.msdnet import (MultiScaleDenseLayer, SameScaleDenseLayer, ScaleTransition, SharedBottleneckLayer,
                                    TwoScaleDenseLayer)
 
@@ -40,7 +41,7 @@ def test_fused_outputs_equal_unfused(name, expected_folded):
     model = _model_with_running_stats(name)
     assert _num_batch_norms(model) == expected_folded
     fused = fuse_conv_bn(model)
-    assert fused.folded_batch_norms == expected_folded and _num_batch_norms(fused) == 0
+    assert folded_batch_norms(fused) == expected_folded and _num_batch_norms(fused) == 0
     assert _num_batch_norms(model) == expected_folded  # the original is left as it was
     assert not any('running_mean' in key for key in fused.state_dict())
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -57,7 +58,7 @@ def test_only_conv_fed_batch_norms_are_folded():
     model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
                           nn.BatchNorm2d(4)).eval()
     fused = fuse_conv_bn(model)
-    assert fused.folded_batch_norms == 1
+    assert folded_batch_norms(fused) == 1
     assert [type(m).__name__ for m in fused] == ['BatchNorm2d', 'Conv2d', 'ReLU', 'BatchNorm2d', 'Conv2d',
                                                  'FoldedBatchNorm']
 
@@ -103,7 +104,7 @@ def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
     scales_read = sum(m.discard + len(m.layers) for m in dense_layers)
     assert (bottlenecks, scales_read) == (54, 36)
     assert len(pointwise) == scales_read + sum(len(t.m) for t in transitions) == 39
-    assert optimized.folded_batch_norms == 128
+    assert folded_batch_norms(optimized) == 128
     assert _num_batch_norms(model) == 128 and not any(isinstance(m, SharedBottleneckLayer) for m in model.modules())
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     with torch.no_grad():
@@ -112,11 +113,13 @@ def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
             for exit_expected, exit_got in zip(expected, optimized(x)):
                 assert (exit_got - exit_expected).abs().max() <= 1e-10 * exit_expected.abs().max()
         first = optimized.forward_stage(0, x)
-        assert first[0].shape[1] == 40 and first[0].untyped_storage().nbytes() > first[0].numel() * 8
+        assert isinstance(first[0], GrowingMap) and first[0].map.shape[1] == 40
+        assert first[0].spare[0].shape[1] > 40 and first[0].map.data_ptr() == first[0].spare[0].data_ptr()
         again, twice = optimized.forward_stage(1, first), optimized.forward_stage(1, first)
-        kept = [t.clone() for t in again]
+        assert not first[0].spare  # the first call took the buffer: the second one copied into a fresh one
+        kept = [feature_map(t).clone() for t in again]
         optimized.forward_stage(2, again)  # appends into again's spare channels: again itself must not change
-        for a, b, c in zip(again, twice, kept):
+        for a, b, c in zip(map(feature_map, again), map(feature_map, twice), kept):
             assert torch.equal(a, b) and torch.equal(a, c) and a.data_ptr() != b.data_ptr()
     # with autograd on, the optimized layers fall back to torch.cat and gradients flow
     optimized(x.requires_grad_())[-1].sum().backward()
@@ -150,10 +153,10 @@ def test_unfoldable_bottleneck_norm_keeps_the_layer_and_its_norm():
     assert isinstance(first_layer, MultiScaleDenseLayer) and all(m.grow_in_place for m in first_layer.layers)
     assert isinstance(optimized.blocks[0][2], SharedBottleneckLayer)
     assert not any(m.training for m in optimized.modules())
-    folded = optimized.folded_batch_norms
+    folded = folded_batch_norms(optimized)
     again = optimize_for_inference(optimized, inplace=True)  # optimizing twice changes nothing
     assert again is optimized and isinstance(again.blocks[0][2], SharedBottleneckLayer)
-    assert again.folded_batch_norms == folded > 0
+    assert folded_batch_norms(again) == folded > 0
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         for exit_expected, exit_got in zip(model(x), again(x)):
@@ -167,16 +170,16 @@ def test_compacted_samples_move_in_place_keep_spare_channels_and_grow_in_place()
     x_before = x.clone()
     with torch.no_grad():
         grown = first(x)
-        original = grown.clone()
-        buffer = grown.__dict__[SPARE_CHANNELS]
+        original = grown.map.clone()
+        buffer = grown.spare[0]
         (compacted,), order = compact_batch([grown], torch.tensor([4, 0, 3]), x)
         assert order.tolist() == [1, 0, 2]  # 0 stays in row 0, 4 fills the row 1 left, 3 is inside the first 3
-        assert torch.equal(compacted[order], original[[4, 0, 3]])
-        assert compacted.data_ptr() == buffer.data_ptr()  # compacted in place, no new tensor
-        assert compacted.__dict__[SPARE_CHANNELS].shape == (3, 14, 6, 6)
+        assert torch.equal(compacted.map[order], original[[4, 0, 3]])
+        assert compacted.map.data_ptr() == buffer.data_ptr()  # compacted in place, no new tensor
+        assert compacted.spare[0].shape == (3, 14, 6, 6) and not grown.spare  # the right to grow moved on
         appended = second(compacted)
-        assert appended.data_ptr() == buffer.data_ptr()  # the next layer still appends in place
-        assert torch.equal(appended, torch.cat([compacted, second.conv_normal(compacted)], 1))
+        assert appended.map.data_ptr() == buffer.data_ptr()  # the next layer still appends in place
+        assert torch.equal(appended.map, torch.cat([compacted.map, second.conv_normal(compacted.map)], 1))
         (from_input, view_of_input), order = compact_batch([x, x[:, :2]], torch.tensor([4, 0, 3]), x)
         overlapping = torch.arange(12.0).as_strided((5, 4), (2, 1))  # sample i is elements 2i .. 2i + 3
         expected = overlapping[[4, 0, 3]]
@@ -225,7 +228,7 @@ def test_sdpoint_instances_keep_their_stored_batch_norm_statistics():
     transform = eval_transform(model)
     x = torch.stack([transform(Image.fromarray(image)) for image in images[::25]])
     fast = optimize_for_inference(model)
-    assert fast.folded_batch_norms == 0 and _num_batch_norms(fast) == _num_batch_norms(model)
+    assert folded_batch_norms(fast) == 0 and _num_batch_norms(fast) == _num_batch_norms(model)
     with torch.no_grad():
         for instance in model.instances():
             torch.testing.assert_close(fast(x, instance=instance), model(x, instance=instance), rtol=1e-5, atol=1e-5)
@@ -234,7 +237,7 @@ def test_sdpoint_instances_keep_their_stored_batch_norm_statistics():
 def test_sdpoint_without_instance_statistics_is_folded_and_refuses_to_store_them():
     model = _model_with_running_stats('sdpoint_preresnet_cifar')
     fused = fuse_conv_bn(model)
-    assert fused.folded_batch_norms == 2  # the projection shortcuts' conv -> BN
+    assert folded_batch_norms(fused) == 2  # the projection shortcuts' conv -> BN
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         torch.testing.assert_close(fused(x, instance=(3, 0.5)), model(x, instance=(3, 0.5)), rtol=1e-4, atol=1e-5)

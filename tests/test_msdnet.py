@@ -195,9 +195,12 @@ def test_iter_exits_computes_lazily_and_can_drop_samples():
 
 def test_classifier_reset_and_get():
     model = dynzoo.create_model('msdnet_cifar_b7')
-    assert len(model.get_classifier()) == 7
+    classifiers = model.get_classifier()
+    assert len(classifiers) == 7 and classifiers is model.get_classifier()
+    assert list(classifiers) == [head.linear for head in model.classifier]
     model.reset_classifier(10)
-    assert all(head.linear.out_features == 10 for head in model.get_classifier())
+    assert model.get_classifier() is classifiers and list(classifiers) == [head.linear for head in model.classifier]
+    assert all(linear.out_features == 10 for linear in classifiers)
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 3, 32, 32))[-1].shape == (1, 10)
 
@@ -207,7 +210,7 @@ def test_intended_init_and_authors_effective_init():
     conv = model.classifier[0].m[0].net[0]
     expected_std = math.sqrt(2.0 / (3 * 3 * conv.out_channels))
     assert abs(conv.weight.std().item() - expected_std) / expected_std < 0.05
-    assert all(torch.count_nonzero(h.linear.bias) == 0 for h in model.get_classifier())
+    assert all(torch.count_nonzero(linear.bias) == 0 for linear in model.get_classifier())
     torch_default = dynzoo.create_model('msdnet_cifar_b7', msdnet_init='torch')
     assert torch.count_nonzero(torch_default.classifier[0].linear.bias) > 0
 
@@ -232,7 +235,7 @@ def test_pretrained_with_other_num_classes_keeps_backbone(tmp_path):
     _authors_file(source, tmp_path / 'c100.pth')
     model = dynzoo.create_model('msdnet_cifar_b7', pretrained=True, num_classes=10,
                                 pretrained_cfg_overlay=dict(file=str(tmp_path / 'c100.pth')))
-    assert all(head.linear.out_features == 10 for head in model.get_classifier())
+    assert all(linear.out_features == 10 for linear in model.get_classifier())
     torch.testing.assert_close(model.blocks[3][0].layers[0].conv_normal.net[0].weight,
                                source.blocks[3][0].layers[0].conv_normal.net[0].weight)
 

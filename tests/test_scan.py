@@ -240,7 +240,7 @@ class _ExitsUpTo(nn.Module):
         for i in range(self.k + 1):
             state = self.model.forward_stage(i, state)
             if i in self.heads:
-                outputs.append(self.model.forward_head(i, state))
+                outputs.append(self.model.forward_exit(i, state))
         return (*outputs, state)
 
 

@@ -35,11 +35,9 @@ class _Head(nn.Module):
         super().__init__()
         self.linear = nn.Linear(chs, num_classes)
 
-    def forward(self, x):
-        return self.linear(x.mean((2, 3)))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.linear = nn.Linear(self.linear.in_features, num_classes)
+    def forward(self, x, pre_logits=False):
+        x = x.mean((2, 3))
+        return x if pre_logits else self.linear(x)
 
 
 class ToyExits(MultiExitNetwork):
@@ -57,11 +55,14 @@ class ToyExits(MultiExitNetwork):
     def forward_stage(self, k, state):
         return self.stages[k](state)
 
-    def forward_head(self, k, state):
-        return self.heads[k](state)
+    def forward_exit_head(self, k, x, pre_logits=False):
+        return self.heads[k](x, pre_logits)
 
-    def exit_heads(self):
-        return list(self.heads)
+    def exit_classifiers(self):
+        return [head.linear for head in self.heads]
+
+    def set_exit_classifier(self, k, num_classes):
+        self.heads[k].linear = nn.Linear(self.heads[k].linear.in_features, num_classes)
 
 
 default_cfgs = generate_default_cfgs({'toy_exits_test': dict(

@@ -11,16 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ['FoldedBatchNorm', 'PointwiseConv', 'fuse_conv_bn', 'optimize_for_inference']
+__all__ = ['FoldedBatchNorm', 'PointwiseConv', 'folded_batch_norms', 'fuse_conv_bn', 'optimize_for_inference']
 
 
 class FoldedBatchNorm(nn.Identity):
-    """Stands where a BatchNorm was folded into the preceding convolution; refuses to run in training mode, where
-    the fused model would silently train without batch statistics."""
+    """Stands where a BatchNorm was folded into the preceding convolution (``folded`` of them, where convolutions
+    were merged); refuses to run in training mode, where the fused model would silently train without batch
+    statistics."""
 
-    def __init__(self, num_features: int):
+    def __init__(self, num_features: int, folded: int = 1):
         super().__init__()
         self.num_features = num_features
+        self.folded = folded
 
     def forward(self, x):
         if self.training:
@@ -30,7 +32,13 @@ class FoldedBatchNorm(nn.Identity):
         return x
 
     def extra_repr(self) -> str:
-        return f'{self.num_features}, folded into the preceding conv'
+        return f'{self.num_features}, folded into the preceding conv' + (f' ({self.folded})' if self.folded > 1 else '')
+
+
+def folded_batch_norms(model: nn.Module) -> int:
+    """How many BatchNorms ``fuse_conv_bn`` (over every call, ``optimize_for_inference``'s included) folded into the
+    convolutions of ``model``: the ``FoldedBatchNorm`` modules that stand in their place."""
+    return sum(m.folded for m in model.modules() if isinstance(m, FoldedBatchNorm))
 
 
 def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
@@ -88,8 +96,7 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     The fused model is for inference only: its ``state_dict`` keys differ (no BatchNorm entries, conv biases), so
     save and load checkpoints with the unfused model, and it raises if run in training mode. ``model`` must be in
-    eval mode; it is copied unless ``inplace``. The number of folded pairs (over every call on this model) is stored as
-    ``model.folded_batch_norms``.
+    eval mode; it is copied unless ``inplace``. ``folded_batch_norms(model)`` counts the folded pairs.
     """
     if any(m.training for m in model.modules()):
         raise ValueError('fuse_conv_bn folds the running statistics of eval-mode BatchNorm: call model.eval() first '
@@ -97,7 +104,6 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     kept = _kept_norms(model)
-    folded = 0
     for module in list(model.modules()):
         pairs = _sequential_pairs(module) if isinstance(module, nn.Sequential) else _traced_pairs(module)
         for conv_name, norm_name in list(pairs):
@@ -105,8 +111,6 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
             if _foldable(conv, norm) and id(norm) not in kept:
                 module._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
                 module._modules[norm_name] = FoldedBatchNorm(norm.num_features).eval()
-                folded += 1
-    model.folded_batch_norms = getattr(model, 'folded_batch_norms', 0) + folded
     return model
 
 

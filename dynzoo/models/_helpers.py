@@ -1,11 +1,12 @@
 """Helpers shared by the model families: the model builder (dynzoo's pretrained sources, for timm.create_model too),
 checkpoint checking and filtering, default configs (untagged default, weights released by others), init."""
-import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 import torch
-from timm.models import build_model_with_cfg, clean_state_dict
+from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import FeatureGetterNet
 from torch import nn
 
 
@@ -59,7 +60,7 @@ def _short_list(keys, limit: int = 8) -> str:
 
 def replaced_classifier_keys(model: nn.Module) -> Set[str]:
     """Classifier keys that timm drops on load because the model is built for another ``num_classes`` than its
-    pretrained config (fine-tuning); empty when the class counts agree."""
+    pretrained config (fine-tuning, or ``num_classes=0`` for features); empty when the class counts agree."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     if cfg.get('num_classes') is None or getattr(model, 'num_classes', None) == cfg['num_classes']:
         return set()
@@ -73,15 +74,18 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
 
     BatchNorm ``num_batches_tracked`` counters that old (PyTorch < 0.4) checkpoints lack are filled from the model.
     Classifier weights of another class count are left out when the model is built for a different ``num_classes``
-    than its pretrained config (timm then loads the rest and keeps the new heads freshly initialised). Integer or
-    bool tensors where the model has floating-point ones (and the reverse) are refused: ``load_state_dict`` would
-    cast them.
+    than its pretrained config (timm then loads the rest and keeps the new heads freshly initialised, or none for
+    ``num_classes=0``). A first convolution (the config's ``first_conv``) built for another ``in_chans`` may differ
+    in its input channels: timm's loader adapts the pretrained filters to them. Integer or bool tensors where the
+    model has floating-point ones (and the reverse) are refused: ``load_state_dict`` would cast them.
     """
     expected = model.state_dict()
     skip = {k for k in replaced_classifier_keys(model)
-            if k in state_dict and k in expected and state_dict[k].shape != expected[k].shape}
+            if k in state_dict and (k not in expected or state_dict[k].shape != expected[k].shape)}
     expected = {k: v for k, v in expected.items() if k not in skip}
     state_dict = {k: v for k, v in state_dict.items() if k not in skip}
+    adapted = {k for k in _first_conv_keys(model) if k in state_dict and k in expected
+               and _other_in_chans(state_dict[k], expected[k])}
     for key, value in expected.items():
         if key.endswith('num_batches_tracked') and key not in state_dict:
             state_dict[key] = value.clone()
@@ -89,7 +93,8 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     unexpected = state_dict.keys() - expected.keys()
     wrong_shape = [
         f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
-        for k in expected.keys() & state_dict.keys() if tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+        for k in expected.keys() & state_dict.keys() - adapted
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)]
     wrong_kind = [f'{k}: checkpoint {state_dict[k].dtype} vs model {expected[k].dtype}'
                   for k in expected.keys() & state_dict.keys() if _kind(state_dict[k]) != _kind(expected[k])]
     if missing or unexpected or wrong_shape or wrong_kind:
@@ -112,6 +117,17 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     return state_dict
 
 
+def _first_conv_keys(model: nn.Module) -> Set[str]:
+    first = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv') or ()
+    return {f'{name}.weight' for name in ((first,) if isinstance(first, str) else first)}
+
+
+def _other_in_chans(theirs: torch.Tensor, ours: torch.Tensor) -> bool:
+    """Whether two conv weights differ in their input channels only (timm's ``adapt_input_conv`` case)."""
+    return theirs.dim() == ours.dim() == 4 and theirs.shape[1] != ours.shape[1] and \
+        theirs.shape[:1] + theirs.shape[2:] == ours.shape[:1] + ours.shape[2:]
+
+
 def make_checkpoint_filter(convert: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], Dict]] = None):
     """A timm ``pretrained_filter_fn``: unwrap, strip ``module.``, apply ``convert`` (family-specific renames), check."""
 
@@ -127,31 +143,30 @@ def make_checkpoint_filter(convert: Optional[Callable[[Dict[str, torch.Tensor], 
 checkpoint_filter = make_checkpoint_filter()
 
 
-def dynzoo_default_cfgs(default_cfgs: Dict, reported_top1: Optional[Dict[str, Tuple[str, Sequence[float]]]] = None,
+def dynzoo_default_cfgs(cfgs: Dict[str, Dict[str, Any]],
+                        reported_top1: Optional[Dict[str, Tuple[str, Sequence[float]]]] = None,
                         file_only: Optional[Dict[str, str]] = None) -> Dict:
-    """Finish a family's ``generate_default_cfgs`` result the dynzoo way.
+    """timm's ``generate_default_cfgs`` for a family's ``{'arch.tag': cfg}``, the dynzoo way.
 
     * The untagged config is the default of each architecture that has one: timm makes the first tag with weights
       the default, so ``msdnet_cifar_b7`` would become its CIFAR-10 weights' 10-class config; in dynzoo the bare name
       keeps the architecture's own config (100 classes for the CIFAR models) and trained weights are asked for by
-      tag (``msdnet_cifar_b7.c10``).
+      tag (``msdnet_cifar_b7.c10``). The untagged configs go to timm last, as ``'arch.*'``, its mark for the default.
     * ``reported_top1`` (tag -> (dataset, per-exit top-1 %)) of weights released by others goes to
       ``REPORTED_TOP1`` and to the tag's ``description``, labelled as the authors' numbers; ``file_only`` (tag -> file
       name) records weights released only inside a web page or shared folder (``FILE_ONLY``; the cfg's
       ``origin_url`` is that page).
     """
+    cfgs = dict(cfgs)
     for name, (dataset, top1) in (reported_top1 or {}).items():
         REPORTED_TOP1[name] = (dataset, tuple(top1))
-        arch, _, tag = name.partition('.')
-        default_cfgs[arch].cfgs[tag].description = (
+        cfgs[name] = {**cfgs[name], 'description': (
             f'{dataset} top-1{" per exit" if len(top1) > 1 else ""} {" / ".join(f"{a:.2f}" for a in top1)} (%), '
-            f'{AS_REPORTED}')
+            f'{AS_REPORTED}')}
     FILE_ONLY.update(file_only or {})
-    for default_cfg in default_cfgs.values():
-        if '' in default_cfg.tags:
-            default_cfg.tags.remove('')
-            default_cfg.tags.appendleft('')
-    return default_cfgs
+    tagged = {name: cfg for name, cfg in cfgs.items() if '.' in name}
+    untagged = {f'{name}.*': cfg for name, cfg in cfgs.items() if '.' not in name}
+    return generate_default_cfgs({**tagged, **untagged})
 
 
 def build_model(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, pretrained_cfg=None,
@@ -164,6 +179,9 @@ def build_model(model_cls: Callable[..., nn.Module], variant: str, pretrained: b
     repository cannot be read; a cfg dict (``hf-hub:`` and ``local-dir:`` names, whose config timm has read) is
     left to timm. Weights passed in memory are not kept in ``model.pretrained_cfg``.
     """
+
+    if kwargs.get('features_only') and kwargs.get('feature_cls', 'getter') == 'getter':
+        return _feature_getter(model_cls, variant, pretrained, pretrained_cfg, pretrained_cfg_overlay, **kwargs)
 
     def build(overlay):
         return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg,
@@ -183,14 +201,30 @@ def build_model(model_cls: Callable[..., nn.Module], variant: str, pretrained: b
     return model
 
 
+def classifier_layer(in_features: int, num_classes: int) -> nn.Module:
+    """A Linear classifier, or ``nn.Identity`` for ``num_classes=0`` (timm's convention: the model then returns the
+    classifier's input)."""
+    return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _feature_getter(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, pretrained_cfg,
+                    pretrained_cfg_overlay: Optional[Dict[str, Any]], features_only: bool, out_indices=None,
+                    feature_cls: str = 'getter', **kwargs) -> FeatureGetterNet:
+    """``features_only=True``: the model in timm's ``FeatureGetterNet``, which returns its ``forward_intermediates``
+    maps (every ``feature_info`` entry unless ``out_indices`` says which)."""
+    model = build_model(model_cls, variant, pretrained, pretrained_cfg, pretrained_cfg_overlay, **kwargs)
+    features = FeatureGetterNet(model, out_indices=len(model.feature_info) if out_indices is None else out_indices)
+    features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return features
+
+
 def init_he_fan_out(model: nn.Module, zero_linear_bias: bool = True) -> None:
     """He-normal convs with fan-out (``N(0, sqrt(2 / (k * k * out_channels)))``), BN weight 1 / bias 0 and, with
     ``zero_linear_bias``, zero Linear bias; Linear weights and transposed convs keep PyTorch's init. MSDNet's and
     SDPoint's authors zero the Linear bias, SCAN's/BYOT's and torchvision's CIFAR-style ResNets do not."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)

@@ -8,10 +8,24 @@ PREPROCESS_HINT = ('dynzoo.evaluate.eval_transform(model) turns PIL images into 
                    'into an N x C x H x W batch')
 
 
-def _recording() -> bool:
-    """Whether ``torch.jit.trace``, ``torch.compile`` or ``torch.export`` is recording the forward: the input's dtype
-    is then the example's, and the check would only add work to the graph."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+def is_fx_tracing() -> bool:
+    """Whether ``torch.fx`` symbolic tracing is recording the forward."""
+    fx = torch.fx._symbolic_trace
+    return getattr(fx, 'is_fx_symbolic_tracing', fx.is_fx_tracing)()  # older torch has only the latter
+
+
+def is_recording() -> bool:
+    """Whether ``torch.fx`` symbolic tracing, ``torch.jit.trace``, ``torch.compile`` or ``torch.export`` is recording
+    the forward: the input is then a proxy or the example, and a check would only fail on proxies or add work to the
+    graph."""
+    return is_fx_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def checks_input(x) -> bool:
+    """Whether a model should check ``x``: a real call, not a recording (``is_recording``) or an ``fx`` proxy.
+    Call it behind ``if not torch.jit.is_scripting()``: TorchScript then compiles neither the check nor its
+    messages."""
+    return not isinstance(x, torch.fx.Proxy) and not is_recording()
 
 
 def _autocast_casts(x: torch.Tensor) -> bool:
@@ -26,11 +40,10 @@ def check_input_tensor(model: nn.Module, x) -> None:
     uint8 images) fail inside torch's convolution code otherwise. Under ``torch.autocast`` any floating-point input
     passes: autocast casts it.
 
-    Call it behind ``if not torch.jit.is_scripting()`` (TorchScript compiles neither
-    branch then); it does nothing for ``torch.fx`` proxies or while ``torch.jit.trace``, ``torch.compile`` or
-    ``torch.export`` records the forward.
+    Call it behind ``if not torch.jit.is_scripting()`` (TorchScript compiles neither branch then); it does nothing
+    when ``checks_input(x)`` is false.
     """
-    if isinstance(x, torch.fx.Proxy) or _recording():
+    if not checks_input(x):
         return
     name = type(model).__name__
     if isinstance(x, np.ndarray):

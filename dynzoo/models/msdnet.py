@@ -17,17 +17,17 @@ differs:
 * wrong input sizes raise a ``ValueError`` up front instead of a shape error inside a head.
 """
 import math
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Union
 
 import torch
 from torch import nn
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 
 from ._normalization import normalization
-from ._exits import SPARE_CHANNELS, MultiExitNetwork
+from ._exits import GrowingMap, MultiExitNetwork, feature_map
 from ._fuse import FoldedBatchNorm
-from ._helpers import (CheckpointMismatchError, build_model, check_state_dict, dynzoo_default_cfgs, init_he_fan_out,
-                       unwrap_state_dict)
+from ._helpers import (CheckpointMismatchError, build_model, check_state_dict, classifier_layer, dynzoo_default_cfgs,
+                       init_he_fan_out, unwrap_state_dict)
 
 __all__ = ['MSDNet', 'checkpoint_filter_fn', 'msdnet_op_counter']
 
@@ -67,29 +67,30 @@ class BottleneckConv(nn.Module):
         return self.net(x)
 
 
-def concat_channels(tensors: Sequence[torch.Tensor], grow_in_place: bool) -> torch.Tensor:
-    """``torch.cat(tensors, dim=1)``; with ``grow_in_place`` and autograd off, the result is a view of a buffer with
-    spare channels after it, and the next call that appends to that view writes only its new channels there.
+def concat_channels(tensors: Sequence[Union[torch.Tensor, GrowingMap]],
+                    grow_in_place: bool) -> Union[torch.Tensor, GrowingMap]:
+    """``torch.cat`` of the feature maps along the channels; with ``grow_in_place`` and autograd off, a
+    ``GrowingMap``: the result is a view of a buffer with spare channels after it, and the next call that appends to
+    it writes only its new channels there.
 
-    The right to fill a buffer's spare channels passes from view to view: only the latest view holds it, so calling a
-    layer twice on the same input (or keeping an older feature map) allocates a fresh buffer instead of overwriting
-    channels another tensor still shows. Dense layers never modify their input, so every view stays valid."""
+    The first entry's buffer is used when it is a ``GrowingMap`` that still holds one with room, a new buffer twice
+    the result's width otherwise. Dense layers never modify their input, so every earlier view stays valid."""
+    maps = [feature_map(t) for t in tensors]
     if not grow_in_place or torch.is_grad_enabled():
-        return torch.cat(tensors, dim=1)
-    base = tensors[0]
-    width = sum(t.shape[1] for t in tensors)
-    buffer = base.__dict__.pop(SPARE_CHANNELS, None)
+        return torch.cat(maps, dim=1)
+    base = maps[0]
+    width = sum(t.shape[1] for t in maps)
+    first = tensors[0]
+    buffer = first.spare.pop() if isinstance(first, GrowingMap) and first.spare else None
     if buffer is None or buffer.shape[1] < width:
         n, c, h, w = base.shape
         buffer = base.new_empty((n, 2 * width, h, w))
         buffer[:, :c].copy_(base)
     offset = base.shape[1]
-    for t in tensors[1:]:
+    for t in maps[1:]:
         buffer[:, offset:offset + t.shape[1]].copy_(t)
         offset += t.shape[1]
-    out = buffer[:, :width]
-    out.__dict__[SPARE_CHANNELS] = buffer
-    return out
+    return GrowingMap(buffer[:, :width], [buffer])
 
 
 class SameScaleDenseLayer(nn.Module):
@@ -100,8 +101,8 @@ class SameScaleDenseLayer(nn.Module):
         self.conv_normal = BottleneckConv(in_chs, growth, False, bottleneck, bn_width)
         self.grow_in_place = False  # see concat_channels and MultiScaleDenseLayer.inference_form
 
-    def forward(self, same_scale: torch.Tensor) -> torch.Tensor:
-        return concat_channels([same_scale, self.conv_normal(same_scale)], self.grow_in_place)
+    def forward(self, same_scale: Union[torch.Tensor, GrowingMap]) -> Union[torch.Tensor, GrowingMap]:
+        return concat_channels([same_scale, self.conv_normal(feature_map(same_scale))], self.grow_in_place)
 
 
 class TwoScaleDenseLayer(nn.Module):
@@ -114,9 +115,10 @@ class TwoScaleDenseLayer(nn.Module):
         self.conv_normal = BottleneckConv(same_chs, growth // 2, False, bottleneck, same_bn_width)
         self.grow_in_place = False  # see concat_channels and MultiScaleDenseLayer.inference_form
 
-    def forward(self, finer: torch.Tensor, same_scale: torch.Tensor) -> torch.Tensor:
-        return concat_channels([same_scale, self.conv_down(finer), self.conv_normal(same_scale)],
-                               self.grow_in_place)
+    def forward(self, finer: Union[torch.Tensor, GrowingMap],
+                same_scale: Union[torch.Tensor, GrowingMap]) -> Union[torch.Tensor, GrowingMap]:
+        return concat_channels([same_scale, self.conv_down(feature_map(finer)),
+                                self.conv_normal(feature_map(same_scale))], self.grow_in_place)
 
 
 class MultiScaleStem(nn.Module):
@@ -222,7 +224,7 @@ class SharedBottleneckLayer(nn.Module):
                                           for row in branches)
 
     def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
-        inner = [bottleneck(x) for bottleneck, x in zip(self.bottlenecks, scales)]
+        inner = [bottleneck(feature_map(x)) for bottleneck, x in zip(self.bottlenecks, scales)]
         out = []
         for k, (convs, channels) in enumerate(zip(self.branch_convs, self.branch_channels)):
             parts = [scales[k + self.discard]]
@@ -239,7 +241,8 @@ def _is_folded_bottleneck(net: nn.Sequential) -> bool:
 
 
 def _merged_pointwise(convs: Sequence[nn.Conv2d]) -> nn.Sequential:
-    """One 1x1 conv (+ ReLU) computing the outputs of BN-folded 1x1 convs that read the same input, stacked."""
+    """One 1x1 conv (+ ReLU) computing the outputs of BN-folded 1x1 convs that read the same input, stacked; a
+    ``FoldedBatchNorm`` keeps count of their BatchNorms."""
     weight = convs[0].weight
     merged = nn.Conv2d(convs[0].in_channels, sum(c.out_channels for c in convs), 1, dtype=weight.dtype,
                        device=weight.device)
@@ -247,7 +250,7 @@ def _merged_pointwise(convs: Sequence[nn.Conv2d]) -> nn.Sequential:
         merged.weight.copy_(torch.cat([c.weight for c in convs]))
         merged.bias.copy_(torch.cat([c.bias for c in convs]))
     merged.requires_grad_(weight.requires_grad)
-    return nn.Sequential(merged, nn.ReLU(inplace=True))
+    return nn.Sequential(merged, FoldedBatchNorm(merged.out_channels, folded=len(convs)).eval(), nn.ReLU(inplace=True))
 
 
 class ScaleTransition(nn.Module):
@@ -258,7 +261,7 @@ class ScaleTransition(nn.Module):
         self.m = nn.ModuleList(modules)
 
     def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
-        return [m(x) for m, x in zip(self.m, scales)]
+        return [m(feature_map(x)) for m, x in zip(self.m, scales)]
 
 
 class ExitHead(nn.Module):
@@ -271,13 +274,15 @@ class ExitHead(nn.Module):
             ConvBnAct(inner_chs, inner_chs, 3, stride=2, padding=1),
             nn.AvgPool2d(2),
         )
-        self.linear = nn.Linear(inner_chs, num_classes)
+        self.hidden_size = inner_chs
+        self.linear = classifier_layer(inner_chs, num_classes)
 
-    def forward(self, scales: List[torch.Tensor]) -> torch.Tensor:
-        return self.linear(self.m(scales[-1]).flatten(1))
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.m(x).flatten(1)
+        return x if pre_logits else self.linear(x)
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.linear = nn.Linear(self.linear.in_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.linear = classifier_layer(self.hidden_size, num_classes)
 
 
 def _parse_factor(value) -> List[int]:
@@ -345,6 +350,8 @@ class MSDNet(MultiExitNetwork):
         width = channels
         layer_index = 0
         blocks, heads = [], []
+        self.feature_info: List[Dict[str, Any]] = []  # the coarsest scale of every block, which its exit reads
+        coarsest_stride = 2 ** (self.num_scales - 1) * (4 if stem == 'imagenet' else 1)
         for n_layers in self.steps:
             block: List[nn.Module] = []
             if layer_index == 0:
@@ -372,6 +379,10 @@ class MSDNet(MultiExitNetwork):
             blocks.append(nn.Sequential(*block))
             head_chs = width * gr_factor[-1]
             heads.append(ExitHead(head_chs, head_chs if stem == 'imagenet' else 128, num_classes))
+            self.feature_info.append(
+                dict(num_chs=head_chs, reduction=coarsest_stride, module=f'blocks.{len(blocks) - 1}'))
+        self.num_features = self.feature_info[-1]['num_chs']
+        self.head_hidden_size = heads[-1].hidden_size
         self.blocks = nn.ModuleList(blocks)
         self.classifier = nn.ModuleList(heads)
         if msdnet_init == 'intended':
@@ -380,11 +391,17 @@ class MSDNet(MultiExitNetwork):
     def forward_stage(self, k: int, state):
         return self.blocks[k](state)
 
-    def forward_head(self, k: int, state) -> torch.Tensor:
-        return self.classifier[k](state)
+    def exit_input(self, k: int, state) -> torch.Tensor:
+        return feature_map(state[-1])  # the coarsest scale
 
-    def exit_heads(self) -> List[nn.Module]:
-        return list(self.classifier)
+    def forward_exit_head(self, k: int, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.classifier[k](x, pre_logits)
+
+    def exit_classifiers(self) -> List[nn.Module]:
+        return [head.linear for head in self.classifier]
+
+    def set_exit_classifier(self, k: int, num_classes: int) -> None:
+        self.classifier[k].reset_classifier(num_classes)
 
     def _coarsest_size(self, size: int) -> int:
         if self.stem == 'imagenet':
@@ -440,8 +457,8 @@ def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
 
 def _cfg(num_exits: int, url: str = '', **kwargs):
     return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'),
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'min_input_size': (3, 129, 129),
+        'pool_size': (7, 7), 'crop_pct': 0.875, 'interpolation': 'bilinear', **normalization('imagenet'),
         'first_conv': 'blocks.0.0.layers.0.0',
         'classifier': tuple(f'classifier.{k}.linear' for k in range(num_exits)),
         'license': 'mit', 'paper_ids': 'arXiv:1703.09844', 'paper_name': 'Multi-Scale Dense Networks for Resource '
@@ -451,7 +468,9 @@ def _cfg(num_exits: int, url: str = '', **kwargs):
 
 
 def _cifar_cfg(num_exits: int, **kwargs):
-    kwargs = {'num_classes': 100, 'input_size': (3, 32, 32), 'crop_pct': 1.0, **normalization('msdnet_cifar'),
+    kwargs = {'num_classes': 100, 'input_size': (3, 32, 32), 'min_input_size': (3, 17, 17), 'pool_size': (8, 8),
+              'crop_pct': 1.0,
+              **normalization('msdnet_cifar'),
               'first_conv': 'blocks.0.0.layers.0.net.0', **kwargs}
     return _cfg(num_exits, **kwargs)
 
@@ -486,7 +505,7 @@ def _l2w_cfg(step: int, epochs: int):
 
 
 # Per architecture the best weights come first: the bare name loads them.
-default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
+default_cfgs = dynzoo_default_cfgs({
     **{_l2w_name(step, epochs): _l2w_cfg(step, epochs) for step in (4, 6, 7) for epochs in (300, 100)},
     'msdnet_step4.in1k': _cfg(5, origin_url=_DROPBOX_FOLDER),
     'msdnet_step7.in1k': _cfg(5, origin_url=_DROPBOX_FOLDER),
@@ -495,7 +514,7 @@ default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'msdnet_cifar_b10': _cifar_cfg(10),
     'msdnet_cifar_lin5': _cifar_cfg(5),
     'msdnet_cifar_lin7': _cifar_cfg(7),
-}), reported_top1={_l2w_name(*key): ('ImageNet val', top1) for key, top1 in _L2W_TOP1.items()},
+}, reported_top1={_l2w_name(*key): ('ImageNet val', top1) for key, top1 in _L2W_TOP1.items()},
     file_only={'msdnet_step4.in1k': 'msdnet-step=4-block=5.pth.tar',
                'msdnet_step7.in1k': 'msdnet-step=7-block=5.pth.tar'})
 

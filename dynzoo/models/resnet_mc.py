@@ -14,11 +14,11 @@ from typing import List, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 
 from ._normalization import normalization
 from ._exits import MultiExitNetwork
-from ._helpers import build_model, checkpoint_filter, dynzoo_default_cfgs, init_he_fan_out
+from ._helpers import build_model, checkpoint_filter, classifier_layer, dynzoo_default_cfgs, init_he_fan_out
 
 __all__ = ['ResNetMC', 'BasicBlock']
 
@@ -56,11 +56,12 @@ class PoolLinearHead(nn.Module):
         self.in_chs = in_chs
         self.reset_classifier(num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x if pre_logits else self.fc(x)
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.fc = nn.Linear(self.in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = classifier_layer(self.in_chs, num_classes)
 
 
 class ResNetMC(MultiExitNetwork):
@@ -94,6 +95,9 @@ class ResNetMC(MultiExitNetwork):
                 chs = width
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList([PoolLinearHead(self.blocks[i - 1].bn2.num_features, num_classes) for i in exits])
+        self.feature_info = [dict(num_chs=self.blocks[i - 1].bn2.num_features, module=f'blocks.{i - 1}',
+                                  reduction=2 ** sum(block.stride > 1 for block in self.blocks[:i])) for i in exits]
+        self.num_features = self.head_hidden_size = self.feature_info[-1]['num_chs']
         self._stage_bounds = list(zip([0] + exits[:-1], exits))
         self.exit_blocks = exits
         self.num_exits = len(exits)
@@ -110,11 +114,14 @@ class ResNetMC(MultiExitNetwork):
             state = block(state)
         return state
 
-    def forward_head(self, k: int, state: torch.Tensor) -> torch.Tensor:
-        return self.heads[k](state)
+    def forward_exit_head(self, k: int, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.heads[k](x, pre_logits)
 
-    def exit_heads(self) -> List[nn.Module]:
-        return list(self.heads)
+    def exit_classifiers(self) -> List[nn.Module]:
+        return [head.fc for head in self.heads]
+
+    def set_exit_classifier(self, k: int, num_classes: int) -> None:
+        self.heads[k].reset_classifier(num_classes)
 
     def valid_input_size(self, height: int, width: int) -> bool:
         return height >= 1 and width >= 1
@@ -134,10 +141,10 @@ def _cfg(**kwargs):
     }
 
 
-default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
+default_cfgs = dynzoo_default_cfgs({
     'resnet_mc_cifar': _cfg(),
     'resnet_mc_cifar.c10': _cfg(num_classes=10, hf_hub_id='dynzoo/resnet_mc_cifar.c10', license='mit'),
-}))
+})
 
 
 @register_model

@@ -28,13 +28,14 @@ import logging
 from typing import Dict, List, Tuple, Type, Union
 
 import torch
+import torch.fx
 from torch import nn
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ._normalization import normalization
 from ._exits import MultiExitNetwork
-from ._helpers import build_model, dynzoo_default_cfgs, init_he_fan_out, make_checkpoint_filter
+from ._helpers import build_model, classifier_layer, dynzoo_default_cfgs, init_he_fan_out, make_checkpoint_filter
 
 __all__ = ['ScanResNet', 'SepConv']
 
@@ -137,7 +138,9 @@ class ScanResNet(MultiExitNetwork):
         self.in_chans = in_chans
         self.default_input_size = (in_chans, 32, 32)
         expansion = block.expansion
-        self.num_features = 512 * expansion
+        self.num_features = self.head_hidden_size = 512 * expansion
+        self.feature_info = [dict(num_chs=planes * expansion, reduction=2 ** k, module=f'layer{k + 1}')
+                             for k, planes in enumerate((64, 128, 256, 512))]
 
         self.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -167,11 +170,8 @@ class ScanResNet(MultiExitNetwork):
         for k, chs in enumerate(exit_chs, start=1):
             self.add_module(f'attention{k}', scan_attention(chs) if head_type == 'scan' else byot_attention(chs))
         for k in range(1, 5):
-            self.add_module(f'fc{k}', self._make_fc(num_classes))
+            self.add_module(f'fc{k}', classifier_layer(self.num_features, num_classes))
         init_he_fan_out(self, zero_linear_bias=False)  # as the authors: convs only, Linear keeps its init
-
-    def _make_fc(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_stage(self, k: int, state: torch.Tensor) -> torch.Tensor:
         if k == 0:
@@ -185,26 +185,27 @@ class ScanResNet(MultiExitNetwork):
             state = getattr(self, f'attention{k + 1}')(state) * state
         return getattr(self, f'scala{k + 1}')(state).flatten(1)
 
-    def forward_head(self, k: int, state: torch.Tensor) -> torch.Tensor:
-        return getattr(self, f'fc{k + 1}')(self.exit_features(k, state))
+    def forward_exit_head(self, k: int, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        features = self.exit_features(k, x)
+        return features if pre_logits else getattr(self, f'fc{k + 1}')(features)
 
-    def exit_heads(self) -> List[nn.Module]:
+    def exit_classifiers(self) -> List[nn.Module]:
         return [getattr(self, f'fc{k}') for k in range(1, 5)]
 
-    def reset_classifier(self, num_classes: int, **kwargs) -> None:
-        for k in range(1, 5):
-            setattr(self, f'fc{k}', self._make_fc(num_classes))
-        self.num_classes = num_classes
+    def set_exit_classifier(self, k: int, num_classes: int) -> None:
+        setattr(self, f'fc{k + 1}', classifier_layer(self.num_features, num_classes))
 
     def input_size_hint(self) -> str:
         return 'the authors\' exit heads end in a fixed 4x4 average pool that needs 32x32 inputs'
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         """Exit logits, shallow first. With ``return_features=True``: ``(logits, features)``, two lists of four
-        tensors, shallow first; ``features[k]`` is the ``(N, 512 * expansion)`` input of ``fc{k+1}``."""
-        if not return_features:
+        tensors, shallow first; ``features[k]`` is the ``(N, 512 * expansion)`` input of ``fc{k+1}``. ``torch.fx``
+        traces the default, the logits alone."""
+        if isinstance(return_features, torch.fx.Proxy) or not return_features:
             return super().forward(x)
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         logits, features = [], []
         state = x
         for k in range(self.num_exits):
@@ -234,7 +235,7 @@ def _create_scan_resnet(variant: str, pretrained: bool = False, **kwargs) -> Sca
 
 def _cfg(preset: str, **kwargs):
     return {
-        'url': '', 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': None, 'crop_pct': 1.0,
+        'url': '', 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (4, 4), 'crop_pct': 1.0,
         'interpolation': 'bilinear', **normalization(preset), 'first_conv': 'conv1',
         'classifier': ('fc1', 'fc2', 'fc3', 'fc4'),
         **kwargs,
@@ -263,11 +264,11 @@ _DEPTHS = {
     152: (Bottleneck, (3, 8, 36, 3)),
 }
 
-default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
+default_cfgs = dynzoo_default_cfgs({
     **{f'scan_resnet{depth}': _scan_cfg() for depth in _DEPTHS},
     'scan_resnet18.c10': _scan_cfg(num_classes=10, hf_hub_id='dynzoo/scan_resnet18.c10', license='mit'),
     **{f'byot_resnet{depth}': _byot_cfg() for depth in _DEPTHS},
-}))
+})
 
 
 def _build(head_type: str, depth: int, pretrained: bool, kwargs) -> ScanResNet:

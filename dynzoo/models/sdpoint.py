@@ -43,16 +43,20 @@ import math
 import numbers
 import re
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List, NamedTuple, Optional, Sequence, Type
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import create_classifier
+from timm.models import register_model
+from timm.models._features import feature_take_indices
 
 from ._normalization import normalization
-from ._helpers import build_model, check_state_dict, dynzoo_default_cfgs, init_he_fan_out, unwrap_state_dict
-from ._inputs import check_input_tensor
+from ._helpers import (build_model, check_state_dict, classifier_layer, dynzoo_default_cfgs, init_he_fan_out,
+                       unwrap_state_dict)
+from ._inputs import check_input_tensor, checks_input, is_fx_tracing
 
 __all__ = ['SDPointResNet', 'Instance', 'RATIOS', 'sdpoint_checkpoint_filter']
 
@@ -88,8 +92,8 @@ NIL = Instance(None, None)
 
 
 def _pooled_size(size: int, ratio: float) -> int:
-    # Python's round() is banker's rounding, as in the authors' code: 14 * 0.75 -> 10, 7 * 0.5 -> 4.
-    pooled = round(int(size) * ratio)
+    # Round half to even (Python's round(), torch.round), as in the authors' code: 14 * 0.75 -> 10, 7 * 0.5 -> 4.
+    pooled = int(round(int(size) * ratio))
     if pooled < 1:
         raise ValueError(f'a {int(size)}-pixel feature map is too small to downsample by {ratio}: use a larger input')
     return pooled
@@ -98,7 +102,7 @@ def _pooled_size(size: int, ratio: float) -> int:
 def _downsample(x: torch.Tensor, ratio: Optional[float]) -> torch.Tensor:
     if ratio is None:
         return x
-    return F.adaptive_avg_pool2d(x, (_pooled_size(x.shape[-2], ratio), _pooled_size(x.shape[-1], ratio)))
+    return F.adaptive_avg_pool2d(x, [_pooled_size(x.shape[-2], ratio), _pooled_size(x.shape[-1], ratio)])
 
 
 def _shortcut(in_chs: int, out_chs: int, stride: int) -> Optional[nn.Sequential]:
@@ -226,11 +230,19 @@ BLOCKS = {
 
 class SDPointStage(nn.Sequential):
     """The residual blocks of one stage; ``forward(x, point, ratio)`` downsamples after block ``point`` of the stage
-    (no downsampling when ``point`` is None or outside the stage)."""
+    (no downsampling when ``point`` is None or outside the stage). ``first_point`` is the network's point index of
+    its first block."""
+
+    def __init__(self, *blocks: nn.Module, first_point: int = 0):
+        super().__init__(*blocks)
+        self.first_point = first_point
 
     def forward(self, x: torch.Tensor, point: Optional[int] = None, ratio: Optional[float] = None) -> torch.Tensor:
         for index, block in enumerate(self):
-            x = block(x, ratio if index == point else None)
+            block_ratio: Optional[float] = None
+            if point is not None and index == point:
+                block_ratio = ratio
+            x = block(x, block_ratio)
         return x
 
 
@@ -281,6 +293,7 @@ class SDPointResNet(nn.Module):
             (3x3 conv-BN-ReLU, stages of ``stem_width * 2**i`` planes).
         stem_width: channels of the stem (64 for ImageNet, 16 for CIFAR).
         sampling: training-time instance sampling, ``'uniform'`` or ``'authors'`` (see the module docstring).
+        global_pool: timm's pooling type before the classifier (``''``: none).
     """
 
     def __init__(
@@ -295,6 +308,7 @@ class SDPointResNet(nn.Module):
             sampling: str = 'uniform',
             num_classes: int = 1000,
             in_chans: int = 3,
+            global_pool: str = 'avg',
     ):
         super().__init__()
         if (block, preact) not in BLOCKS:
@@ -317,6 +331,10 @@ class SDPointResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == 'imagenet' else nn.Identity()
+        self.stem_pools = stem == 'imagenet'
+        self.feature_info: List[Dict[str, Any]] = [
+            dict(num_chs=stem_width, reduction=2 if stem == 'imagenet' else 1, module='relu')]
+        reduction = 4 if stem == 'imagenet' else 1  # of the first stage
 
         self.stage_names = [f'layer{i + 1}' for i in range(len(layers))]
         in_chs = stem_width
@@ -327,12 +345,14 @@ class SDPointResNet(nn.Module):
                 stride = 2 if i > 0 and j == 0 else 1
                 stage.append(block_cls(in_chs, planes, stride, groups, base_width))
                 in_chs = planes * block_cls.expansion
-            self.add_module(name, SDPointStage(*stage))
-        self.num_features = in_chs
+            self.add_module(name, SDPointStage(*stage, first_point=sum(layers[:i])))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction * 2 ** i, module=name))
+        self.num_stages = len(layers)
+        self.num_features = self.head_hidden_size = in_chs
+        self.bn2 = nn.BatchNorm2d(in_chs) if preact else None
         if preact:
-            self.bn2 = nn.BatchNorm2d(in_chs)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_chs, num_classes)
+            self.feature_info[-1]['module'] = 'bn2'  # the last map goes through the final BN-ReLU
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
 
         self.num_blocks = sum(layers)
         self.stem_point = self.num_blocks
@@ -440,53 +460,99 @@ class SDPointResNet(nn.Module):
         return self.sample_instance() if self.training else NIL
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not torch.jit.is_scripting():
-            check_input_tensor(self, x)
+        if not checks_input(x):
+            return
+        check_input_tensor(self, x)
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             shape = tuple(x.shape)
             raise ValueError(
                 f'{type(self).__name__} expects a batch of {self.in_chans}-channel images of shape '
                 f'(N, {", ".join(map(str, self.default_input_size))}), got {shape}.')
 
-    def forward_features(self, x: torch.Tensor, instance=None) -> torch.Tensor:
-        """The last feature map of ``instance`` (see ``forward``)."""
+    def _eager_instance(self, x: torch.Tensor, instance) -> Tuple[Instance, Optional[torch.Tensor]]:
+        """Check ``x``; the instance to run and its stored BN statistics (eval mode), if any. ``torch.fx`` traces
+        the full network without per-instance statistics: a graph cannot sample an instance per call."""
         self._check_input(x)
-        point, ratio = self._resolve_instance(instance)
-        stats = None if self.training else self.instance_bn_stats.get(Instance(point, ratio).name)
+        if isinstance(instance, torch.fx.Proxy) or (instance is None and is_fx_tracing()):
+            return NIL, None
+        instance = self._resolve_instance(instance)
+        return instance, None if self.training else self.instance_bn_stats.get(instance.name)
+
+    def _stages(self, x: torch.Tensor, point: Optional[int], ratio: Optional[float],
+                taps: List[int]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The network up to the final feature map for the instance ``(point, ratio)``, and the ``feature_info`` maps
+        in ``taps``."""
+        intermediates: List[torch.Tensor] = []
+        x = self.relu(self.bn1(self.conv1(x)))
+        if 0 in taps:
+            intermediates.append(x)
+        if point is not None and ratio is not None and point == self.stem_point:
+            height, width = int(x.shape[-2]), int(x.shape[-1])
+            if self.stem_pools:  # the size the max-pool would have produced
+                height, width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+            x = F.adaptive_max_pool2d(x, [_pooled_size(height, ratio), _pooled_size(width, ratio)])
+        else:
+            x = self.maxpool(x)
+        index = 0
+        for stage in self.children():
+            if hasattr(stage, 'first_point'):  # an SDPointStage (TorchScript resolves this when compiling)
+                x = stage(x, None if point is None else point - stage.first_point, ratio)
+                index += 1
+                if self.bn2 is not None and index == self.num_stages:
+                    x = self.relu(self.bn2(x))
+                if index in taps:
+                    intermediates.append(x)
+        return x, intermediates
+
+    def forward_features(self, x: torch.Tensor, instance: Optional[Tuple[int, float]] = None) -> torch.Tensor:
+        """The last feature map of ``instance`` (see ``forward``)."""
+        if torch.jit.is_scripting():
+            point: Optional[int] = None
+            ratio: Optional[float] = None
+            if instance is not None:
+                point, ratio = instance[0], instance[1]
+            return self._stages(x, point, ratio, [])[0]
+        else:
+            (point, ratio), stats = self._eager_instance(x, instance)
+            with nullcontext() if stats is None else self._bn_stats_of(stats):
+                return self._stages(x, point, ratio, [])[0]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False, instance=None):
+        """timm's ``forward_intermediates`` for ``instance`` (see ``forward``): the ``feature_info`` maps in
+        ``indices`` (the stem's output, then every stage's; the last one as ``forward_features`` returns it), and
+        unless ``intermediates_only`` the final feature map first. The whole network runs (``stop_early`` is
+        accepted for timm's API)."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"{type(self).__name__} returns NCHW feature maps, got output_fmt={output_fmt!r}")
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        (point, ratio), stats = self._eager_instance(x, instance)
         with nullcontext() if stats is None else self._bn_stats_of(stats):
-            x = self.relu(self.bn1(self.conv1(x)))
-            if point == self.stem_point:
-                size = x.shape[-2:]
-                if isinstance(self.maxpool, nn.MaxPool2d):
-                    size = [(int(s) - 1) // 2 + 1 for s in size]
-                x = F.adaptive_max_pool2d(x, tuple(_pooled_size(s, ratio) for s in size))
-            else:
-                x = self.maxpool(x)
-            first = 0
-            for name in self.stage_names:
-                stage = getattr(self, name)
-                x = stage(x, point - first if point is not None else None, ratio)
-                first += len(stage)
-            if self.preact:
-                x = self.relu(self.bn2(x))
-        return x
+            x, intermediates = self._stages(x, point, ratio, take)
+        return intermediates if intermediates_only else (x, intermediates)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = torch.flatten(self.avgpool(x), 1)
+        x = self.global_pool(x)
         return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor, instance=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, instance: Optional[Tuple[int, float]] = None) -> torch.Tensor:
         """Logits of ``instance`` (a ``(point, ratio)`` pair from ``instances()``). Without it, eval runs the full
         network and train samples an instance (``sample_instance``). In eval mode the instance's stored BN statistics
-        (``dynzoo.sdpoint.recalibrate_bn``) are used when there are some, the shared running statistics otherwise."""
+        (``dynzoo.sdpoint.recalibrate_bn``) are used when there are some, the shared running statistics otherwise.
+        A ``torch.fx`` graph runs the full network; TorchScript runs the given instance or the full network, both
+        with the shared statistics."""
         return self.forward_head(self.forward_features(x, instance))
 
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool is not None:
+            self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        else:
+            self.fc = classifier_layer(self.num_features, num_classes)
 
 
 def sdpoint_checkpoint_filter(state_dict, model: SDPointResNet) -> Dict[str, torch.Tensor]:
@@ -518,7 +584,7 @@ def _cfg(url: str = '', **kwargs):
     }
 
 
-default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
+default_cfgs = dynzoo_default_cfgs({
     'sdpoint_resnet18': _cfg(),
     'sdpoint_resnet34': _cfg(),
     'sdpoint_resnet50': _cfg(),
@@ -537,7 +603,7 @@ default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'sdpoint_preresnet_cifar.c10': _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
                                         **normalization('cifar'),
                                         hf_hub_id='dynzoo/sdpoint_preresnet_cifar.c10'),
-}))
+})
 
 
 @register_model

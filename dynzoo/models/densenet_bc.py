@@ -29,17 +29,19 @@ Where dynzoo differs from both references:
 """
 import re
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import create_classifier
+from timm.models import register_model
+from timm.models._features import feature_take_indices
 
 from ._normalization import normalization
 from ._exits import MultiExitNetwork
-from ._helpers import build_model, dynzoo_default_cfgs, make_checkpoint_filter
-from ._inputs import check_input_tensor
+from ._helpers import build_model, classifier_layer, dynzoo_default_cfgs, make_checkpoint_filter
+from ._inputs import check_input_tensor, checks_input, is_fx_tracing
 
 __all__ = ['DenseNet', 'DenseNetMC', 'DenseLayer', 'checkpoint_filter_fn']
 
@@ -117,9 +119,11 @@ class DenseLayer(nn.Module):
 
     def bottleneck(self, features: List[torch.Tensor]) -> torch.Tensor:
         """The 1x1 bottleneck output; memory-efficient only when a backward pass can follow (else nothing is saved)
-        and not under ``torch.jit.trace`` (fvcore counts through the plain, identical path)."""
+        and not under ``torch.jit.trace`` or ``torch.fx`` tracing (fvcore and fx graphs get the plain, identical
+        path)."""
         params = (self.norm1.weight, self.norm1.bias, self.conv1.weight)
         if (self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_tracing()
+                and not is_fx_tracing()
                 and any(t.requires_grad for t in (*params, *features))):
             return _EfficientBottleneck.apply(self.norm1, *params, *features)
         return self.conv1(F.relu(self.norm1(torch.cat(features, 1)), inplace=True))
@@ -170,7 +174,8 @@ class _DenseFeatures:
     def _build_features(self, block_config: Sequence[int], growth_rate: int, num_init_features: Optional[int],
                         bn_size: int, compression: float, drop_rate: float, stem: str, in_chans: int,
                         memory_efficient: bool) -> Tuple['OrderedDict[str, nn.Module]', List[int], List[int]]:
-        """Return the named feature modules (no final norm), the index after each dense block, its channels."""
+        """Return the named feature modules (no final norm), the index after each dense block, its channels; set
+        ``feature_info`` to the stem's output and every dense block's."""
         if stem not in ('imagenet', 'cifar'):
             raise ValueError(
                 f"stem must be 'imagenet' (7x7/2 conv, BN, ReLU, max-pool) or 'cifar' (3x3 conv), got {stem!r}")
@@ -187,6 +192,10 @@ class _DenseFeatures:
             ])
         else:
             modules = OrderedDict([('conv0', nn.Conv2d(in_chans, chs, 3, padding=1, bias=False))])
+        self.feature_info: List[Dict[str, Any]] = [dict(
+            num_chs=chs, reduction=2 if stem == 'imagenet' else 1,
+            module='features.relu0' if stem == 'imagenet' else 'features.conv0')]
+        reduction = 4 if stem == 'imagenet' else 1  # of the first dense block
         block_ends, block_chs = [], []
         for i, num_layers in enumerate(block_config):
             modules[f'denseblock{i + 1}'] = DenseBlock(
@@ -194,11 +203,18 @@ class _DenseFeatures:
             chs += num_layers * growth_rate
             block_ends.append(len(modules))
             block_chs.append(chs)
+            self.feature_info.append(
+                dict(num_chs=chs, reduction=reduction * 2 ** i, module=f'features.denseblock{i + 1}'))
             if i != len(block_config) - 1:
                 out_chs = int(chs * compression)
                 modules[f'transition{i + 1}'] = Transition(chs, out_chs)
                 chs = out_chs
         return modules, block_ends, block_chs
+
+    def _feature_taps(self) -> List[int]:
+        """The index in ``features`` of the module whose output is each ``feature_info`` entry."""
+        names = list(self.features._modules)
+        return [names.index(info['module'].split('.', 1)[1]) for info in self.feature_info]
 
     def _init_weights(self) -> None:
         mode = 'fan_in' if self.stem == 'imagenet' else 'fan_out'
@@ -230,7 +246,7 @@ class DenseNet(_DenseFeatures, nn.Module):
 
     ``block_config`` layers per dense block, ``growth_rate`` k, ``num_init_features`` stem width (default 2k),
     ``bn_size`` bottleneck width factor (4k channels), ``compression`` transition factor, ``stem`` 'imagenet' or
-    'cifar', ``memory_efficient`` (see the module docstring).
+    'cifar', ``memory_efficient`` (see the module docstring), ``global_pool`` timm's pooling type (``''``: none).
     """
 
     def __init__(
@@ -245,33 +261,65 @@ class DenseNet(_DenseFeatures, nn.Module):
             num_classes: int = 1000,
             in_chans: int = 3,
             memory_efficient: bool = True,
+            global_pool: str = 'avg',
     ):
         super().__init__()
         modules, _, block_chs = self._build_features(
             block_config, growth_rate, num_init_features, bn_size, compression, drop_rate, stem, in_chans,
             memory_efficient)
-        self.num_features = block_chs[-1]
+        self.num_features = self.head_hidden_size = block_chs[-1]
         self.num_transitions = len(block_config) - 1
-        modules['norm5' if stem == 'imagenet' else 'norm_final'] = nn.BatchNorm2d(self.num_features)
+        norm = 'norm5' if stem == 'imagenet' else 'norm_final'
+        modules[norm] = nn.BatchNorm2d(self.num_features)
+        self.feature_info[-1]['module'] = f'features.{norm}'  # the last map goes through the final norm and ReLU
         self.features = nn.Sequential(modules)
-        self.classifier = nn.Linear(self.num_features, num_classes)
+        self.global_pool, self.classifier = create_classifier(self.num_features, num_classes, pool_type=global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self._init_weights()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            check_input_tensor(self, x)
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not checks_input(x):
+            return
+        check_input_tensor(self, x)
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f'{type(self).__name__} expects a batch of {self.in_chans}-channel images (N, '
                              f'{self.in_chans}, H, W), got shape {tuple(x.shape)}')
         if min(self._final_size(x.shape[-2]), self._final_size(x.shape[-1])) < 1:
             raise ValueError(f'{x.shape[-2]}x{x.shape[-1]} inputs are too small for {type(self).__name__}: '
                              f'the last dense block would get an empty feature map; use larger images')
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._check_input(x)
         return F.relu(self.features(x), inplace=True)
 
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """timm's ``forward_intermediates``: the ``feature_info`` maps in ``indices`` (the stem's output, then every
+        dense block's; the last one normalised as ``forward_features`` returns it), and unless
+        ``intermediates_only`` the final feature map first."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"{type(self).__name__} returns NCHW feature maps, got output_fmt={output_fmt!r}")
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        taps = self._feature_taps()
+        take, max_index = feature_take_indices(len(taps), indices)
+        last = taps[max_index] if stop_early or intermediates_only else len(self.features) - 1
+        intermediates = []
+        for i, module in enumerate(self.features[:last + 1]):
+            x = module(x)
+            if i == taps[-1]:
+                x = F.relu(x, inplace=True)
+            if i in taps and taps.index(i) in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = self.global_pool(x)
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,10 +329,12 @@ class DenseNet(_DenseFeatures, nn.Module):
         return self.classifier
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool not in (None, 'avg'):
-            raise ValueError(f"DenseNet only supports average pooling, got global_pool={global_pool!r}")
         self.num_classes = num_classes
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool is not None:
+            self.global_pool, self.classifier = create_classifier(self.num_features, num_classes,
+                                                                  pool_type=global_pool)
+        else:
+            self.classifier = classifier_layer(self.num_features, num_classes)
 
 
 class ExitHead(nn.Module):
@@ -293,14 +343,14 @@ class ExitHead(nn.Module):
     def __init__(self, in_chs: int, num_classes: int):
         super().__init__()
         self.norm = nn.BatchNorm2d(in_chs)
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = classifier_layer(in_chs, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.adaptive_avg_pool2d(F.relu(self.norm(x)), 1).flatten(1))
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(F.relu(self.norm(x)), 1).flatten(1)
+        return x if pre_logits else self.fc(x)
 
     def reset_classifier(self, num_classes: int) -> None:
-        in_chs = self.norm.num_features
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = classifier_layer(self.norm.num_features, num_classes)
 
 
 class DenseNetMC(_DenseFeatures, MultiExitNetwork):
@@ -334,6 +384,8 @@ class DenseNetMC(_DenseFeatures, MultiExitNetwork):
             memory_efficient)
         self.features = nn.Sequential(modules)
         self.heads = nn.ModuleList([ExitHead(chs, num_classes) for chs in block_chs])
+        self.feature_info = self.feature_info[1:]  # the maps the exits read: every dense block's output
+        self.num_features = self.head_hidden_size = block_chs[-1]
         self._stage_bounds = list(zip([0] + block_ends[:-1], block_ends))
         self.num_transitions = len(block_config) - 1
         self.num_exits = len(block_config)
@@ -348,11 +400,14 @@ class DenseNetMC(_DenseFeatures, MultiExitNetwork):
             state = module(state)
         return state
 
-    def forward_head(self, k: int, state: torch.Tensor) -> torch.Tensor:
-        return self.heads[k](state)
+    def forward_exit_head(self, k: int, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.heads[k](x, pre_logits)
 
-    def exit_heads(self) -> List[nn.Module]:
-        return list(self.heads)
+    def exit_classifiers(self) -> List[nn.Module]:
+        return [head.fc for head in self.heads]
+
+    def set_exit_classifier(self, k: int, num_classes: int) -> None:
+        self.heads[k].reset_classifier(num_classes)
 
     def valid_input_size(self, height: int, width: int) -> bool:
         return min(self._final_size(height), self._final_size(width)) >= 1
@@ -405,7 +460,7 @@ def _cifar_cfg(**kwargs):
                    'origin_url': 'https://github.com/gpleiss/efficient_densenet_pytorch', **kwargs})
 
 
-default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
+default_cfgs = dynzoo_default_cfgs({
     'densenet_bc_121.tv_in1k': _tv_cfg('densenet121', 'densenet121-a639ec97.pth'),
     'densenet_bc_161.tv_in1k': _tv_cfg('densenet161', 'densenet161-8d451a50.pth'),
     'densenet_bc_169.tv_in1k': _tv_cfg('densenet169', 'densenet169-b2777c0a.pth'),
@@ -418,7 +473,7 @@ default_cfgs = dynzoo_default_cfgs(generate_default_cfgs({
     'densenet_bc_100_k12_mc': _cifar_cfg(
         classifier=tuple(f'heads.{k}.fc' for k in range(3)), paper_ids='arXiv:1703.09844',
         paper_name='Multi-Scale Dense Networks for Resource Efficient Image Classification (DenseNet^MC baseline)'),
-}), reported_top1={f'densenet_bc_{depth}.tv_in1k': ('ImageNet val', (top1,)) for depth, top1 in (
+}, reported_top1={f'densenet_bc_{depth}.tv_in1k': ('ImageNet val', (top1,)) for depth, top1 in (
     (121, 74.43), (161, 77.14), (169, 75.60), (201, 76.90))})
 
 _CIFAR_ARGS = dict(stem='cifar', bn_size=4, compression=0.5)
