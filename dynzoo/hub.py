@@ -222,6 +222,9 @@ def save_pretrained(
         raise ValueError(f'model_name {model_name!r} does not name the architecture {architecture!r}')
     if per_exit_accuracy is not None:
         per_exit_accuracy = [float(a) for a in per_exit_accuracy]
+    if not isinstance(getattr(model, 'num_features', None), int):
+        raise ValueError(f'{type(model).__name__} has no num_features, which the saved config records: set it in '
+                         "__init__ to the channels of the feature map its (final exit's) head reads, as timm does")
     info = _per_exit_stats(model)
     if per_exit_accuracy is not None and len(per_exit_accuracy) != info['num_exits']:
         raise ValueError(f'{len(per_exit_accuracy)} accuracies given for {info["num_exits"]} exits')

@@ -93,6 +93,11 @@ _CKPT_TMP = tempfile.TemporaryDirectory(prefix='dynzoo-bad-inputs-')  # removed 
 _TINY_MSDNET = dict(n_blocks=2, base=1, step=1, channels=4, growth_rate=2)
 
 
+def _without_num_features(model):
+    del model.num_features  # a user's MultiExitNetwork subclass that does not set it
+    return model
+
+
 def _ckpt_tmp() -> Path:
     return Path(tempfile.mkdtemp(dir=_CKPT_TMP.name))
 
@@ -193,6 +198,9 @@ CASES += [
     Case('save_pretrained of an optimized (fused) model',
          lambda: dynzoo.save_pretrained(dynzoo.optimize_for_inference(_tiny_msdnet()), _ckpt_tmp() / 'export'),
          raises=ValueError, match='optimized for inference.*save the model before optimizing it'),
+    Case('save_pretrained of a model without num_features',
+         lambda: dynzoo.save_pretrained(_without_num_features(_tiny_msdnet()), _ckpt_tmp() / 'export'),
+         raises=ValueError, match='has no num_features.*set it in __init__'),
     Case('garbage checkpoint whose unpickling raises KeyError', lambda: _load(file=_garbage(b'\x80\x02h\x00.')),
          raises=dynzoo.CheckpointFileError, match='not a readable PyTorch checkpoint'),
     Case('garbage checkpoint whose unpickling raises IndexError', lambda: _load(file=_garbage(b'\x80\x02.')),

@@ -51,6 +51,9 @@ class ToyExits(MultiExitNetwork):
         self.stages = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU()),
                                      nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1), nn.ReLU())])
         self.heads = nn.ModuleList([_Head(4, num_classes), _Head(8, num_classes)])
+        self.num_features = self.head_hidden_size = 8
+        self.feature_info = [dict(num_chs=4, reduction=2, module='stages.0'),
+                             dict(num_chs=8, reduction=4, module='stages.1')]
 
     def forward_stage(self, k, state):
         return self.stages[k](state)
