@@ -48,3 +48,8 @@ def test_readme_runs_top_to_bottom(tmp_path, monkeypatch):
         else:
             for argv in _commands(source):
                 _run_command(argv)
+
+
+def test_readme_is_a_short_page():
+    """The README is a user's page of at most 10 KB; measurements and history belong in docs/."""
+    assert len(README.read_bytes()) <= 10_000
