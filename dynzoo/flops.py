@@ -175,7 +175,10 @@ def _count_per_exit(model: nn.Module, x: torch.Tensor, scope: str, convention: s
         if not isinstance(model, MultiExitNetwork):
             return [count_macs(model, x)]
         if scope == 'lazy':
-            return [count_macs(_ExitGraph(model, k), x) for k in range(model.num_exits)]
+            # Traced with autograd on, where MSDNet's dense layers concatenate their maps instead of growing them in
+            # place: an in-place write would keep alive the work that dead-code elimination must drop.
+            with torch.enable_grad():
+                return [count_macs(_ExitGraph(model, k), x) for k in range(model.num_exits)]
         stages, heads = _stage_and_head_macs(model, x)
         if scope == 'standalone':
             return [sum(stages[:k + 1]) + heads[k] for k in range(model.num_exits)]

@@ -12,6 +12,7 @@ from dynzoo.inference import NEVER, early_exit, fit_thresholds, geometric_fracti
 from dynzoo.models import (FoldedBatchNorm, PointwiseConv, compact_batch, folded_batch_norms, fuse_conv_bn,
                            optimize_for_inference)
 from dynzoo.models._exits import GrowingMap, feature_map
+from dynzoo.models._fuse import MatmulConv1x1
 from dynzoo.models.msdnet import (MultiScaleDenseLayer, SameScaleDenseLayer, ScaleTransition, SharedBottleneckLayer,
                                    TwoScaleDenseLayer)
 
@@ -93,7 +94,7 @@ def test_early_exit_on_faster_model_equals_plain(speed_up):
 def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
     model = _model_with_running_stats('msdnet_cifar_b7').double()
     optimized = optimize_for_inference(model)
-    pointwise = [m for m in optimized.modules() if isinstance(m, PointwiseConv)]
+    pointwise = [m for m in optimized.modules() if isinstance(m, (PointwiseConv, MatmulConv1x1))]
     dense_layers = [m for m in model.modules() if isinstance(m, MultiScaleDenseLayer)]
     transitions = [m for m in model.modules() if isinstance(m, ScaleTransition)]
     assert sum(isinstance(m, SharedBottleneckLayer) for m in optimized.modules()) == len(dense_layers) == 16
@@ -136,9 +137,8 @@ def test_optimized_msdnet_variants_equal_plain(kwargs, size, shared):
     model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10, **kwargs).eval()
     optimized = optimize_for_inference(model)
     assert any(isinstance(m, SharedBottleneckLayer) for m in optimized.modules()) == shared
-    grown = [m for m in optimized.modules() if isinstance(m, (SameScaleDenseLayer, TwoScaleDenseLayer))]
-    assert all(m.grow_in_place for m in grown) and (shared or grown)
-    assert not any(getattr(m, 'grow_in_place', False) for m in model.modules())  # the original keeps torch.cat
+    kept = [m for m in optimized.modules() if isinstance(m, (SameScaleDenseLayer, TwoScaleDenseLayer))]
+    assert shared or kept
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         for exit_expected, exit_got in zip(model(x), optimized(x)):
@@ -150,7 +150,7 @@ def test_unfoldable_bottleneck_norm_keeps_the_layer_and_its_norm():
     model.blocks[0][1] = freeze_batch_norm_2d(model.blocks[0][1]).eval()  # fuse_conv_bn leaves FrozenBatchNorm2d
     optimized = optimize_for_inference(model, inplace=False)
     first_layer = optimized.blocks[0][1]
-    assert isinstance(first_layer, MultiScaleDenseLayer) and all(m.grow_in_place for m in first_layer.layers)
+    assert isinstance(first_layer, MultiScaleDenseLayer)
     assert isinstance(optimized.blocks[0][2], SharedBottleneckLayer)
     assert not any(m.training for m in optimized.modules())
     folded = folded_batch_norms(optimized)
@@ -165,7 +165,6 @@ def test_unfoldable_bottleneck_norm_keeps_the_layer_and_its_norm():
 
 def test_compacted_samples_move_in_place_keep_spare_channels_and_grow_in_place():
     first, second = SameScaleDenseLayer(4, 3, False, 1).eval(), SameScaleDenseLayer(7, 3, False, 1).eval()
-    first.grow_in_place = second.grow_in_place = True
     x = torch.randn(5, 4, 6, 6)
     x_before = x.clone()
     with torch.no_grad():

@@ -12,6 +12,7 @@ import torch
 import dynzoo
 from dynzoo.cli.evaluate import add_bench_args, add_eval_args, run_bench, run_eval
 from dynzoo.evaluate import measure_early_exit, model_name
+from dynzoo.models._exits import feature_map
 from dynzoo.inference import (ALWAYS, NEVER, ExitRule, early_exit, evaluate_budgeted, fit_thresholds,
                               genetic_threshold_search, geometric_fractions, scan_predict, simulate_early_exit)
 
@@ -139,7 +140,7 @@ def _batch_sizes_per_stage(model):
     sizes = []
     def record(module, args):
         state = args[0]
-        sizes.append((state if isinstance(state, torch.Tensor) else state[0]).shape[0])
+        sizes.append(feature_map(state if isinstance(state, torch.Tensor) else state[0]).shape[0])
     handles = [block.register_forward_pre_hook(record) for block in model.blocks]
     return sizes, handles
 

@@ -1,8 +1,10 @@
 """MSDNet against the authors' code: keys, outputs, parameter counts, FLOPs (spec ../shared/specs/msdnet.md)."""
+import collections
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynzoo
 from dynzoo.models import CheckpointMismatchError, MSDNet
@@ -246,3 +248,28 @@ def test_own_file_with_other_class_count_than_config_keeps_its_classifier(tmp_pa
     model = dynzoo.create_model('msdnet_cifar_b7', pretrained=True, num_classes=10,
                                 pretrained_cfg_overlay=dict(file=str(tmp_path / 'c10.pth')))
     torch.testing.assert_close(model.classifier[6].linear.weight, source.classifier[6].linear.weight)
+
+
+def test_inference_path_grows_maps_in_place_and_matches_the_authors_path():
+    """With autograd off the dense layers append into spare channels (no torch.cat) and the 1x1 convs run as
+    matrix products; with autograd on they run the authors' concatenations and convolutions. Same outputs."""
+    torch.manual_seed(0)
+    model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    reference = model(x)
+    ops = collections.Counter()
+
+    class CountOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), CountOps():
+        logits = model(x)
+    assert ops['cat'] == 0 and ops['bmm'] > 0
+    for got, expected in zip(logits, reference):
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        features = model.forward_features(x)
+    assert features.is_contiguous()  # not a view of a growing buffer
+    torch.testing.assert_close(features, model.forward_features(x).detach(), rtol=1e-4, atol=1e-5)

@@ -210,19 +210,20 @@ class MultiExitNetwork(nn.Module):
         for k in range(last + 1):
             state = self.forward_stage(k, state)
             if k in take:
-                intermediates.append(self.exit_input(k, state))
+                intermediates.append(self.exit_input(k, state).contiguous())
         if intermediates_only:
             return intermediates
-        return self.exit_input(last, state), intermediates
+        return self.exit_input(last, state).contiguous(), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The feature map the final exit's head reads (``num_features`` channels)."""
+        """The feature map the final exit's head reads (``num_features`` channels), contiguous (with autograd off,
+        MSDNet's exits read views of the buffers its feature maps grow in)."""
         if not torch.jit.is_scripting():
             self.check_input(x)
         state = x
         for k in range(self.num_exits):
             state = self.forward_stage(k, state)
-        return self.exit_input(self.num_exits - 1, state)
+        return self.exit_input(self.num_exits - 1, state).contiguous()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The final exit's head on ``forward_features(x)``: its logits, or with ``pre_logits`` the

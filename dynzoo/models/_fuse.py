@@ -3,7 +3,7 @@
 matrix products (``optimize_for_inference``)."""
 import copy
 import inspect
-from typing import Iterator, Set, Tuple
+from typing import Iterator, Optional, Set, Tuple
 
 import torch
 import torch.fx
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ['FoldedBatchNorm', 'PointwiseConv', 'folded_batch_norms', 'fuse_conv_bn', 'optimize_for_inference']
+__all__ = ['FoldedBatchNorm', 'MatmulConv1x1', 'PointwiseConv', 'folded_batch_norms', 'fuse_conv_bn',
+           'optimize_for_inference', 'pointwise_matmul']
 
 
 class FoldedBatchNorm(nn.Identity):
@@ -42,7 +43,7 @@ def folded_batch_norms(model: nn.Module) -> int:
 
 
 def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and norm.track_running_stats
+    return (type(conv) in (nn.Conv2d, MatmulConv1x1) and type(norm) is nn.BatchNorm2d and norm.track_running_stats
             and conv.out_channels == norm.num_features)
 
 
@@ -114,6 +115,33 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     return model
 
 
+def pointwise_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A 1x1 stride-1 convolution of NCHW ``x`` with ``weight`` of shape ``(out_channels, in_channels)``, computed as
+    one batched matrix product. bmm with the weight expanded over the batch reads a batch-strided view (MSDNet's
+    feature maps grown in place) without copying it; torch.matmul, and oneDNN's convolution, would copy it first."""
+    n, c, h, w = x.shape
+    y = torch.bmm(weight.expand(n, -1, -1), x.reshape(n, c, h * w))  # not baddbmm, which fvcore does not count
+    if bias is not None:
+        y += bias[:, None]
+    return y.view(n, weight.shape[0], h, w)
+
+
+class MatmulConv1x1(nn.Conv2d):
+    """An ``nn.Conv2d`` with a 1x1 kernel, stride 1 and no padding (same parameters and ``state_dict``) that, with
+    autograd off and NCHW input, computes ``pointwise_matmul``: MSDNet's inference path, where its dense layers grow
+    their feature maps in place (batch-strided views that a convolution would copy) and its 1x1 convolutions have
+    few output channels, which oneDNN's NCHW convolution runs slowly on large maps. With autograd on (training) or
+    channels-last input it is ``nn.Conv2d``. Outputs agree within float rounding."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+            return self._conv_forward(x, self.weight, self.bias)
+        return pointwise_matmul(x, self.weight.flatten(1), self.bias)
+
+
 class PointwiseConv(nn.Module):
     """A 1x1, stride-1, ungrouped ``Conv2d`` computed as one batched matrix product on NCHW input.
 
@@ -136,17 +164,9 @@ class PointwiseConv(nn.Module):
                 and module.padding_mode == 'zeros')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return F.conv2d(x, self.weight[:, :, None, None], self.bias)
-        # bmm with an expanded weight reads a batch-strided view (MSDNet's grown feature maps) without copying it;
-        # torch.matmul would first copy such a view into a transposed layout.
-        weight = self.weight.expand(n, -1, -1)
-        x = x.reshape(n, c, h * w)
-        y = torch.bmm(weight, x)  # not baddbmm, which fvcore does not count
-        if self.bias is not None:
-            y += self.bias[:, None]
-        return y.view(n, self.out_channels, h, w)
+        return pointwise_matmul(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f'{self.in_channels}, {self.out_channels}, bias={self.bias is not None}'
@@ -157,13 +177,10 @@ def optimize_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module
 
     - every submodule (not ``model`` itself) with an ``inference_form()`` method is replaced by what it returns, a
       family's own inference rewrite: MSDNet's dense layers become ``SharedBottleneckLayer`` (the 1x1 bottlenecks
-      reading the same scale run as one conv) and grow their feature maps in place instead of copying them with
-      ``torch.cat`` at every layer (without bottlenecks, or with an unfolded BatchNorm, only the latter);
+      reading the same scale run as one conv);
     - every 1x1 stride-1 ``Conv2d`` becomes a ``PointwiseConv`` (a batched matrix product).
 
-    On ``msdnet_cifar_b7`` (batch 256, one CPU thread) the full forward runs about 1.6x faster than the plain model
-    (1.3x when both keep freed memory, ``dynzoo.inference.retain_freed_memory``),
-    and the early stages, where the copies and small convolutions sat, gain most (``benchmarks/early_exit.py``). Like
+    ``benchmarks/early_exit.py`` measures what this gains over the model's own inference path. Like
     ``fuse_conv_bn``, the result is for inference only and has its own ``state_dict`` keys: keep checkpoints with
     the unfused model.
     """

@@ -25,11 +25,18 @@ from timm.models import register_model
 
 from ._normalization import normalization
 from ._exits import GrowingMap, MultiExitNetwork, feature_map
-from ._fuse import FoldedBatchNorm
+from ._fuse import FoldedBatchNorm, MatmulConv1x1
 from ._helpers import (CheckpointMismatchError, build_model, check_state_dict, classifier_layer, dynzoo_default_cfgs,
                        init_he_fan_out, unwrap_state_dict)
 
 __all__ = ['MSDNet', 'checkpoint_filter_fn', 'msdnet_op_counter']
+
+def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, padding: int = 0) -> nn.Conv2d:
+    """A conv without bias; 1x1 ones run as matrix products with autograd off (``MatmulConv1x1``)."""
+    if (kernel_size, stride, padding) == (1, 1, 0):
+        return MatmulConv1x1(in_chs, out_chs, bias=False)
+    return nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding, bias=False)
+
 
 class ConvBnAct(nn.Module):
     """Conv (no bias) - BN - ReLU, held in ``net`` as in the authors' key layout."""
@@ -37,7 +44,7 @@ class ConvBnAct(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, padding: int = 1):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding, bias=False),
+            _conv(in_chs, out_chs, kernel_size, stride, padding),
             nn.BatchNorm2d(out_chs),
             nn.ReLU(inplace=True),
         )
@@ -55,9 +62,9 @@ class BottleneckConv(nn.Module):
         inner_chs = in_chs
         if bottleneck:
             inner_chs = min(in_chs, bn_width * out_chs)
-            layers += [nn.Conv2d(in_chs, inner_chs, 1, bias=False), nn.BatchNorm2d(inner_chs), nn.ReLU(inplace=True)]
+            layers += [_conv(in_chs, inner_chs, 1), nn.BatchNorm2d(inner_chs), nn.ReLU(inplace=True)]
         layers += [
-            nn.Conv2d(inner_chs, out_chs, 3, stride=2 if downsample else 1, padding=1, bias=False),
+            _conv(inner_chs, out_chs, 3, stride=2 if downsample else 1, padding=1),
             nn.BatchNorm2d(out_chs),
             nn.ReLU(inplace=True),
         ]
@@ -67,16 +74,16 @@ class BottleneckConv(nn.Module):
         return self.net(x)
 
 
-def concat_channels(tensors: Sequence[Union[torch.Tensor, GrowingMap]],
-                    grow_in_place: bool) -> Union[torch.Tensor, GrowingMap]:
-    """``torch.cat`` of the feature maps along the channels; with ``grow_in_place`` and autograd off, a
-    ``GrowingMap``: the result is a view of a buffer with spare channels after it, and the next call that appends to
-    it writes only its new channels there.
+def concat_channels(tensors: Sequence[Union[torch.Tensor, GrowingMap]]) -> Union[torch.Tensor, GrowingMap]:
+    """``torch.cat`` of the feature maps along the channels, as the authors' dense layers; with autograd off (dynzoo's
+    inference path), a ``GrowingMap`` instead: the result is a view of a buffer with spare channels after it, and the
+    next call that appends to it writes only its new channels there, where ``torch.cat`` would copy the whole map at
+    every layer.
 
     The first entry's buffer is used when it is a ``GrowingMap`` that still holds one with room, a new buffer twice
     the result's width otherwise. Dense layers never modify their input, so every earlier view stays valid."""
     maps = [feature_map(t) for t in tensors]
-    if not grow_in_place or torch.is_grad_enabled():
+    if torch.is_grad_enabled():
         return torch.cat(maps, dim=1)
     base = maps[0]
     width = sum(t.shape[1] for t in maps)
@@ -99,10 +106,9 @@ class SameScaleDenseLayer(nn.Module):
     def __init__(self, in_chs: int, growth: int, bottleneck: bool, bn_width: int):
         super().__init__()
         self.conv_normal = BottleneckConv(in_chs, growth, False, bottleneck, bn_width)
-        self.grow_in_place = False  # see concat_channels and MultiScaleDenseLayer.inference_form
 
     def forward(self, same_scale: Union[torch.Tensor, GrowingMap]) -> Union[torch.Tensor, GrowingMap]:
-        return concat_channels([same_scale, self.conv_normal(feature_map(same_scale))], self.grow_in_place)
+        return concat_channels([same_scale, self.conv_normal(feature_map(same_scale))])
 
 
 class TwoScaleDenseLayer(nn.Module):
@@ -113,12 +119,11 @@ class TwoScaleDenseLayer(nn.Module):
         super().__init__()
         self.conv_down = BottleneckConv(finer_chs, growth // 2, True, bottleneck, finer_bn_width)
         self.conv_normal = BottleneckConv(same_chs, growth // 2, False, bottleneck, same_bn_width)
-        self.grow_in_place = False  # see concat_channels and MultiScaleDenseLayer.inference_form
 
     def forward(self, finer: Union[torch.Tensor, GrowingMap],
                 same_scale: Union[torch.Tensor, GrowingMap]) -> Union[torch.Tensor, GrowingMap]:
         return concat_channels([same_scale, self.conv_down(feature_map(finer)),
-                                self.conv_normal(feature_map(same_scale))], self.grow_in_place)
+                                self.conv_normal(feature_map(same_scale))])
 
 
 class MultiScaleStem(nn.Module):
@@ -174,14 +179,10 @@ class MultiScaleDenseLayer(nn.Module):
     def inference_form(self) -> nn.Module:
         """What ``optimize_for_inference`` puts in this layer's place after ``fuse_conv_bn``: a
         ``SharedBottleneckLayer`` when every bottleneck is a folded 1x1 conv + ReLU; otherwise (no bottlenecks, or a
-        BatchNorm that could not be folded) this layer itself, switched to growing its feature maps in place."""
+        BatchNorm that could not be folded) this layer itself."""
         nets = [conv.net for layer in self.layers for conv in (getattr(layer, 'conv_down', None), layer.conv_normal)
                 if conv is not None]
-        if all(_is_folded_bottleneck(net) for net in nets):
-            return SharedBottleneckLayer(self)
-        for layer in self.layers:
-            layer.grow_in_place = True
-        return self
+        return SharedBottleneckLayer(self) if all(_is_folded_bottleneck(net) for net in nets) else self
 
     def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
         out = []
@@ -229,15 +230,15 @@ class SharedBottleneckLayer(nn.Module):
         for k, (convs, channels) in enumerate(zip(self.branch_convs, self.branch_channels)):
             parts = [scales[k + self.discard]]
             parts += [conv(inner[s][:, start:end]) for conv, (s, start, end) in zip(convs, channels)]
-            out.append(concat_channels(parts, grow_in_place=True))
+            out.append(concat_channels(parts))
         return out
 
 
 def _is_folded_bottleneck(net: nn.Sequential) -> bool:
     """Whether a ``BottleneckConv.net`` starts with a 1x1 conv whose BatchNorm ``fuse_conv_bn`` folded, then ReLU."""
     conv = net[0]
-    return (len(net) == 6 and type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.bias is not None
-            and isinstance(net[1], FoldedBatchNorm) and type(net[2]) is nn.ReLU)
+    return (len(net) == 6 and type(conv) in (nn.Conv2d, MatmulConv1x1) and conv.kernel_size == (1, 1)
+            and conv.bias is not None and isinstance(net[1], FoldedBatchNorm) and type(net[2]) is nn.ReLU)
 
 
 def _merged_pointwise(convs: Sequence[nn.Conv2d]) -> nn.Sequential:
