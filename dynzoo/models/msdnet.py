@@ -14,7 +14,10 @@ differs:
 * initialisation is the one the authors intended (He-normal convs, BN weight 1 / bias 0, zero Linear bias). Their
   PyTorch ``_init_weights`` loop only visits the top-level containers, so it never reaches a Conv/BN/Linear and their
   models silently trained from PyTorch's default init (``msdnet_init='torch'`` reproduces that).
-* wrong input sizes raise a ``ValueError`` up front instead of a shape error inside a head.
+* wrong input sizes raise a ``ValueError`` up front instead of a shape error inside a head;
+* with autograd off, the dense layers append into spare channels instead of concatenating, and the 1x1 convs run
+  as batched matrix products that read those maps without copying them (``concat_channels``, ``MatmulConv1x1``):
+  same outputs within float rounding, same ``state_dict``.
 """
 import math
 from typing import Any, Dict, List, Sequence, Union
