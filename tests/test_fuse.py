@@ -107,7 +107,7 @@ def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
     assert len(pointwise) == scales_read + sum(len(t.m) for t in transitions) == 39
     assert folded_batch_norms(optimized) == 128
     assert _num_batch_norms(model) == 128 and not any(isinstance(m, SharedBottleneckLayer) for m in model.modules())
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     with torch.no_grad():
         expected = model(x)
         for _ in range(2):  # a second call on the same model must not reuse the first call's buffers wrongly
@@ -165,17 +165,18 @@ def test_unfoldable_bottleneck_norm_keeps_the_layer_and_its_norm():
 
 def test_compacted_samples_move_in_place_keep_spare_channels_and_grow_in_place():
     first, second = SameScaleDenseLayer(4, 3, False, 1).eval(), SameScaleDenseLayer(7, 3, False, 1).eval()
-    x = torch.randn(5, 4, 6, 6)
+    x = torch.randn(12, 4, 6, 6)  # maps grow in place from GROW_IN_PLACE_MIN_BATCH samples on
     x_before = x.clone()
+    rows = torch.tensor([11, 0, 3, 1, 2, 4, 5, 6, 7])
     with torch.no_grad():
         grown = first(x)
         original = grown.map.clone()
         buffer = grown.spare[0]
-        (compacted,), order = compact_batch([grown], torch.tensor([4, 0, 3]), x)
-        assert order.tolist() == [1, 0, 2]  # 0 stays in row 0, 4 fills the row 1 left, 3 is inside the first 3
-        assert torch.equal(compacted.map[order], original[[4, 0, 3]])
+        (compacted,), order = compact_batch([grown], rows, x)
+        assert order.tolist() == [8, 0, 3, 1, 2, 4, 5, 6, 7]  # 11 fills the row 8 left, the others stay
+        assert torch.equal(compacted.map[order], original[rows])
         assert compacted.map.data_ptr() == buffer.data_ptr()  # compacted in place, no new tensor
-        assert compacted.spare[0].shape == (3, 14, 6, 6) and not grown.spare  # the right to grow moved on
+        assert compacted.spare[0].shape == (9, 14, 6, 6) and not grown.spare  # the right to grow moved on
         appended = second(compacted)
         assert appended.map.data_ptr() == buffer.data_ptr()  # the next layer still appends in place
         assert torch.equal(appended.map, torch.cat([compacted.map, second.conv_normal(compacted.map)], 1))

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynzoo
 from dynzoo.models import CheckpointMismatchError, MSDNet
+from dynzoo.models.msdnet import GROW_IN_PLACE_MIN_BATCH
 from parity import deterministic_state_dict, load_keys, load_manifest, load_outputs
 
 MANIFEST = load_manifest('msdnet')
@@ -251,11 +252,12 @@ def test_own_file_with_other_class_count_than_config_keeps_its_classifier(tmp_pa
 
 
 def test_inference_path_grows_maps_in_place_and_matches_the_authors_path():
-    """With autograd off the dense layers append into spare channels (no torch.cat) and the 1x1 convs run as
-    matrix products; with autograd on they run the authors' concatenations and convolutions. Same outputs."""
+    """With autograd off and a batch of at least GROW_IN_PLACE_MIN_BATCH, the dense layers append into spare
+    channels (no torch.cat) and the 1x1 convs run as matrix products; with autograd on, or one image, the layers
+    concatenate as the authors'. Same outputs."""
     torch.manual_seed(0)
     model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10).eval()
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(GROW_IN_PLACE_MIN_BATCH, 3, 32, 32)
     reference = model(x)
     ops = collections.Counter()
 
@@ -271,5 +273,10 @@ def test_inference_path_grows_maps_in_place_and_matches_the_authors_path():
         torch.testing.assert_close(got, expected.detach(), rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         features = model.forward_features(x)
+        ops.clear()
+        with CountOps():
+            one = model(x[:1])
+    assert ops['cat'] > 0  # one image: torch.cat costs less than growing in place
+    torch.testing.assert_close(one[-1], reference[-1][:1].detach(), rtol=1e-4, atol=1e-5)
     assert features.is_contiguous()  # not a view of a growing buffer
     torch.testing.assert_close(features, model.forward_features(x).detach(), rtol=1e-4, atol=1e-5)

@@ -77,18 +77,22 @@ class BottleneckConv(nn.Module):
         return self.net(x)
 
 
+# Below this batch size torch.cat's copies cost less than growing in place (CPU, docs/benchmarks.md).
+GROW_IN_PLACE_MIN_BATCH = 8
+
+
 def concat_channels(tensors: Sequence[Union[torch.Tensor, GrowingMap]]) -> Union[torch.Tensor, GrowingMap]:
     """``torch.cat`` of the feature maps along the channels, as the authors' dense layers; with autograd off (dynzoo's
-    inference path), a ``GrowingMap`` instead: the result is a view of a buffer with spare channels after it, and the
-    next call that appends to it writes only its new channels there, where ``torch.cat`` would copy the whole map at
-    every layer.
+    inference path) and at least ``GROW_IN_PLACE_MIN_BATCH`` samples, a ``GrowingMap`` instead: the result is a view
+    of a buffer with spare channels after it, and the next call that appends to it writes only its new channels there,
+    where ``torch.cat`` would copy the whole map at every layer.
 
     The first entry's buffer is used when it is a ``GrowingMap`` that still holds one with room, a new buffer twice
     the result's width otherwise. Dense layers never modify their input, so every earlier view stays valid."""
     maps = [feature_map(t) for t in tensors]
-    if torch.is_grad_enabled():
-        return torch.cat(maps, dim=1)
     base = maps[0]
+    if torch.is_grad_enabled() or base.shape[0] < GROW_IN_PLACE_MIN_BATCH:
+        return torch.cat(maps, dim=1)
     width = sum(t.shape[1] for t in maps)
     first = tensors[0]
     buffer = first.spare.pop() if isinstance(first, GrowingMap) and first.spare else None
