@@ -4,7 +4,9 @@ Thresholds are fitted on held-out images for MSDNet's geometric exit distributio
 expected MACs come closest to ``--target-ratio`` of the full model), then one test batch runs through the call as the
 README writes it, ``dynzoo.early_exit(model, x, thresholds=...)`` (no cost argument: the per-exit MACs come from
 dynzoo's cache, counted on the variant's first call, which is timed apart), and through ``model(x)`` (every exit),
-alternately, ``--repeats`` times; the fastest run of each is kept (robust to other load on the machine). The
+alternately, ``--repeats`` times; the fastest run of each is kept (robust to other load on the machine), and the
+median over the rounds of each round's early-exit time over its full-forward time ("paired", robust to drifts of
+the machine's speed during the run). The
 "stage-time model" column predicts the time ratio from the measured time of each stage in the full forward (samples
 that ran stage k x its per-sample time): the gap between MACs and time that comes from stages differing in time per
 MAC, not from early exit itself.
@@ -13,8 +15,9 @@ Each ``--variants`` entry times its own copy of the model, the same one for earl
 ``fused`` (``dynzoo.models.fuse_conv_bn``: BatchNorm folded into the convs, inference only);
 ``fused_channels_last`` (fused, model and batch in channels-last memory format, which ``compact_batch`` keeps);
 ``optimized`` (``dynzoo.optimize_for_inference``: fused, 1x1 convolutions as batched matrix products, the bottlenecks
-reading the same scale merged into one, dense layers growing their feature maps in place). Thresholds come from the
-plain model for every variant.
+reading the same scale merged into one). With autograd off, the plain MSDNet already grows its feature maps in place
+and runs its 1x1 convolutions as matrix products (its inference path). Thresholds come from the plain model for
+every variant.
 ``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine shared with other jobs,
 time slices lost to them then do not count (with one thread; memory-bandwidth and cache contention still do).
 ``--allocator retain`` first calls ``dynzoo.inference.retain_freed_memory()``
@@ -148,15 +151,15 @@ def main():
         rows += [(variant, *row) for row in variant_rows]
     macs_share = ' '.join(f'{m / full_macs:.2f}' for m in np.diff(macs, prepend=0))
     print(f'MACs share of stage+head k: {macs_share}')
-    print('| variant | q | MACs ratio | time ratio | time / MACs | stage-time model | time / model | '
+    print('| variant | q | MACs ratio | time ratio | time / MACs | paired / MACs | stage-time model | time / model | '
           'early exit (s) | full (s) | top-1 | exit fractions |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|')
-    for variant, q, macs_ratio, time_ratio, overhead, model_ratio, residual, early_s, full_s, accuracy, fractions \
-            in rows:
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+    for (variant, q, macs_ratio, time_ratio, overhead, paired, model_ratio, residual, early_s, full_s, accuracy,
+         fractions) in rows:
         marker = ' (target)' if q == target_q else ''
         print(f'| {variant} | {q:.2f}{marker} | {macs_ratio:.3f} | {time_ratio:.3f} | {overhead:.3f} | '
-              f'{model_ratio:.3f} | {residual:.3f} | {early_s:.3f} | {full_s:.3f} | {accuracy:.3f} | '
-              f'{" ".join(f"{f:.2f}" for f in fractions)} |')
+              f'{paired / macs_ratio:.3f} | {model_ratio:.3f} | {residual:.3f} | {early_s:.3f} | {full_s:.3f} | '
+              f'{accuracy:.3f} | {" ".join(f"{f:.2f}" for f in fractions)} |')
 
 
 def prepare_variant(model, x, variant):
@@ -173,8 +176,8 @@ def prepare_variant(model, x, variant):
 
 def time_variant(model, x, labels, val_logits, points, repeats):
     """Seconds of the first ``early_exit`` call (which counts the MACs), per-stage seconds of the full forward, and
-    one row per operating point q: MACs ratio, time ratio, their quotient, the stage-time model's ratio, time over
-    model, best early-exit and full seconds, top-1, fractions."""
+    one row per operating point q: MACs ratio, time ratio, their quotient, the paired time ratio, the stage-time
+    model's ratio, time over model, best early-exit and full seconds, top-1, fractions."""
     with torch.no_grad():
         model(x)  # warm-up
         clear_macs_cache(model)  # the first call counts, as in a fresh process
@@ -193,8 +196,9 @@ def time_variant(model, x, labels, val_logits, points, repeats):
             time_ratio = min(early_time) / min(full_time)
             model_ratio = float(np.dot(result.samples_per_stage, per_stage[:len(result.samples_per_stage)])
                                 / (len(labels) * per_stage.sum()))
-            rows.append((q, macs_ratio, time_ratio, time_ratio / macs_ratio, model_ratio, time_ratio / model_ratio,
-                         min(early_time), min(full_time), result.accuracy(labels),
+            paired = float(np.median(np.array(early_time) / np.array(full_time)))
+            rows.append((q, macs_ratio, time_ratio, time_ratio / macs_ratio, paired, model_ratio,
+                         time_ratio / model_ratio, min(early_time), min(full_time), result.accuracy(labels),
                          result.exit_fractions(model.num_exits)))
     return first_call, per_stage, rows
 
