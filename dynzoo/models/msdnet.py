@@ -34,6 +34,7 @@ from ._helpers import (CheckpointMismatchError, build_model, check_state_dict, c
 
 __all__ = ['MSDNet', 'checkpoint_filter_fn', 'msdnet_op_counter']
 
+
 def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, padding: int = 0) -> nn.Conv2d:
     """A conv without bias; 1x1 ones run as matrix products with autograd off (``MatmulConv1x1``)."""
     if (kernel_size, stride, padding) == (1, 1, 0):
