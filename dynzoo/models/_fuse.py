@@ -43,7 +43,7 @@ def folded_batch_norms(model: nn.Module) -> int:
 
 
 def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
-    return (type(conv) in (nn.Conv2d, MatmulConv1x1) and type(norm) is nn.BatchNorm2d and norm.track_running_stats
+    return (is_plain_conv(conv) and type(norm) is nn.BatchNorm2d and norm.track_running_stats
             and conv.out_channels == norm.num_features)
 
 
@@ -140,6 +140,12 @@ class MatmulConv1x1(nn.Conv2d):
         if torch.is_grad_enabled() or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return self._conv_forward(x, self.weight, self.bias)
         return pointwise_matmul(x, self.weight.flatten(1), self.bias)
+
+
+def is_plain_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Conv2d`` whose forward is the convolution (or ``MatmulConv1x1``'s same product),
+    not a subclass that does something else."""
+    return type(module) in (nn.Conv2d, MatmulConv1x1)
 
 
 class PointwiseConv(nn.Module):

@@ -28,7 +28,7 @@ from timm.models import register_model
 
 from ._normalization import normalization
 from ._exits import GrowingMap, MultiExitNetwork, feature_map
-from ._fuse import FoldedBatchNorm, MatmulConv1x1
+from ._fuse import FoldedBatchNorm, MatmulConv1x1, is_plain_conv
 from ._helpers import (CheckpointMismatchError, build_model, check_state_dict, classifier_layer, dynzoo_default_cfgs,
                        init_he_fan_out, unwrap_state_dict)
 
@@ -245,7 +245,7 @@ class SharedBottleneckLayer(nn.Module):
 def _is_folded_bottleneck(net: nn.Sequential) -> bool:
     """Whether a ``BottleneckConv.net`` starts with a 1x1 conv whose BatchNorm ``fuse_conv_bn`` folded, then ReLU."""
     conv = net[0]
-    return (len(net) == 6 and type(conv) in (nn.Conv2d, MatmulConv1x1) and conv.kernel_size == (1, 1)
+    return (len(net) == 6 and is_plain_conv(conv) and conv.kernel_size == (1, 1)
             and conv.bias is not None and isinstance(net[1], FoldedBatchNorm) and type(net[2]) is nn.ReLU)
 
 
