@@ -280,3 +280,18 @@ def test_inference_path_grows_maps_in_place_and_matches_the_authors_path():
     torch.testing.assert_close(one[-1], reference[-1][:1].detach(), rtol=1e-4, atol=1e-5)
     assert features.is_contiguous()  # not a view of a growing buffer
     torch.testing.assert_close(features, model.forward_features(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_inference_path_allocates_each_growing_map_once():
+    """Each scale's growing buffer is allocated at the width the scale reaches before the next transition, so the
+    dense layers of later blocks append into it without re-allocating and copying the map."""
+    model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10).eval()
+    with torch.no_grad():
+        after_block_0 = model.forward_stage(0, torch.randn(GROW_IN_PLACE_MIN_BATCH, 3, 32, 32))
+        buffers = [entry.spare[0] for entry in after_block_0]
+        after_block_1 = model.forward_stage(1, after_block_0)
+    # 16/32/64 stem channels, growth 6/12/24 per layer: 4 layers in block 0, 2 in block 1, then block 2's first layer
+    # grows scales 1 and 2 once more and drops scale 0 before its transition.
+    assert [b.shape[1] for b in buffers] == [52, 116, 232]
+    assert [entry.map.shape[1] for entry in after_block_1] == [52, 104, 208]
+    assert [entry.map.data_ptr() for entry in after_block_1] == [b.data_ptr() for b in buffers]

@@ -82,14 +82,17 @@ class BottleneckConv(nn.Module):
 GROW_IN_PLACE_MIN_BATCH = 8
 
 
-def concat_channels(tensors: Sequence[Union[torch.Tensor, GrowingMap]]) -> Union[torch.Tensor, GrowingMap]:
+def concat_channels(tensors: Sequence[Union[torch.Tensor, GrowingMap]],
+                    final_width: int = 0) -> Union[torch.Tensor, GrowingMap]:
     """``torch.cat`` of the feature maps along the channels, as the authors' dense layers; with autograd off (dynzoo's
     inference path) and at least ``GROW_IN_PLACE_MIN_BATCH`` samples, a ``GrowingMap`` instead: the result is a view
     of a buffer with spare channels after it, and the next call that appends to it writes only its new channels there,
     where ``torch.cat`` would copy the whole map at every layer.
 
-    The first entry's buffer is used when it is a ``GrowingMap`` that still holds one with room, a new buffer twice
-    the result's width otherwise. Dense layers never modify their input, so every earlier view stays valid."""
+    The first entry's buffer is used when it is a ``GrowingMap`` that still holds one with room; otherwise a new buffer
+    with ``final_width`` channels (the width this scale reaches before a transition or its exit drops it, so that it
+    is allocated and filled once), or twice the result's width when that is unknown or too small. Dense layers never
+    modify their input, so every earlier view stays valid."""
     maps = [feature_map(t) for t in tensors]
     base = maps[0]
     if torch.is_grad_enabled() or base.shape[0] < GROW_IN_PLACE_MIN_BATCH:
@@ -99,7 +102,7 @@ def concat_channels(tensors: Sequence[Union[torch.Tensor, GrowingMap]]) -> Union
     buffer = first.spare.pop() if isinstance(first, GrowingMap) and first.spare else None
     if buffer is None or buffer.shape[1] < width:
         n, c, h, w = base.shape
-        buffer = base.new_empty((n, 2 * width, h, w))
+        buffer = base.new_empty((n, final_width if final_width >= width else 2 * width, h, w))
         buffer[:, :c].copy_(base)
     offset = base.shape[1]
     for t in maps[1:]:
@@ -114,9 +117,11 @@ class SameScaleDenseLayer(nn.Module):
     def __init__(self, in_chs: int, growth: int, bottleneck: bool, bn_width: int):
         super().__init__()
         self.conv_normal = BottleneckConv(in_chs, growth, False, bottleneck, bn_width)
+        self.out_chs = in_chs + growth
+        self.final_width = 0  # set by MSDNet: see concat_channels
 
     def forward(self, same_scale: Union[torch.Tensor, GrowingMap]) -> Union[torch.Tensor, GrowingMap]:
-        return concat_channels([same_scale, self.conv_normal(feature_map(same_scale))])
+        return concat_channels([same_scale, self.conv_normal(feature_map(same_scale))], self.final_width)
 
 
 class TwoScaleDenseLayer(nn.Module):
@@ -127,11 +132,13 @@ class TwoScaleDenseLayer(nn.Module):
         super().__init__()
         self.conv_down = BottleneckConv(finer_chs, growth // 2, True, bottleneck, finer_bn_width)
         self.conv_normal = BottleneckConv(same_chs, growth // 2, False, bottleneck, same_bn_width)
+        self.out_chs = same_chs + growth // 2 * 2
+        self.final_width = 0  # set by MSDNet: see concat_channels
 
     def forward(self, finer: Union[torch.Tensor, GrowingMap],
                 same_scale: Union[torch.Tensor, GrowingMap]) -> Union[torch.Tensor, GrowingMap]:
         return concat_channels([same_scale, self.conv_down(feature_map(finer)),
-                                self.conv_normal(feature_map(same_scale))])
+                                self.conv_normal(feature_map(same_scale))], self.final_width)
 
 
 class MultiScaleStem(nn.Module):
@@ -228,6 +235,7 @@ class SharedBottleneckLayer(nn.Module):
                 readers[scale].append(conv.net)
                 branches[-1].append((scale, start, start + conv.net[0].out_channels, conv.net))
         self.bottlenecks = nn.ModuleList(_merged_pointwise([net[0] for net in nets]) for nets in readers)
+        self.final_widths = [dense.final_width for dense in layer.layers]
         self.branch_channels = [[(scale, start, end) for scale, start, end, _ in row] for row in branches]
         self.branch_convs = nn.ModuleList(nn.ModuleList(nn.Sequential(*net[3:]) for *_, net in row)
                                           for row in branches)
@@ -238,7 +246,7 @@ class SharedBottleneckLayer(nn.Module):
         for k, (convs, channels) in enumerate(zip(self.branch_convs, self.branch_channels)):
             parts = [scales[k + self.discard]]
             parts += [conv(inner[s][:, start:end]) for conv, (s, start, end) in zip(convs, channels)]
-            out.append(concat_channels(parts))
+            out.append(concat_channels(parts, self.final_widths[k]))
         return out
 
 
@@ -292,6 +300,27 @@ class ExitHead(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         self.linear = classifier_layer(self.hidden_size, num_classes)
+
+
+def _set_final_widths(blocks: nn.ModuleList, num_scales: int) -> None:
+    """Give every dense layer the width its scale reaches before the next transition or the end of the network (or
+    before a later layer drops the scale), so that ``concat_channels`` allocates each growing map once."""
+    chains: Dict[int, List[nn.Module]] = {}  # scale -> the dense layers that grew its current map, in order
+
+    def close_chains():
+        for chain in chains.values():
+            for layer in chain:
+                layer.final_width = chain[-1].out_chs
+        chains.clear()
+
+    for block in blocks:
+        for module in block:
+            if isinstance(module, ScaleTransition):
+                close_chains()
+            elif isinstance(module, MultiScaleDenseLayer):
+                for k, layer in enumerate(module.layers):
+                    chains.setdefault(num_scales - len(module.layers) + k, []).append(layer)
+    close_chains()
 
 
 def _parse_factor(value) -> List[int]:
@@ -393,6 +422,7 @@ class MSDNet(MultiExitNetwork):
         self.num_features = self.feature_info[-1]['num_chs']
         self.head_hidden_size = heads[-1].hidden_size
         self.blocks = nn.ModuleList(blocks)
+        _set_final_widths(self.blocks, self.num_scales)
         self.classifier = nn.ModuleList(heads)
         if msdnet_init == 'intended':
             init_he_fan_out(self)
