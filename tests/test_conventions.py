@@ -169,6 +169,26 @@ def test_sdpoint_scripts_with_its_instances():
             torch.testing.assert_close(scripted(x, instance), model(x, instance=instance))
 
 
+@pytest.mark.parametrize('name', MULTI_EXIT_CIFAR)
+def test_scripting_a_multi_exit_model_names_what_works_instead(name):
+    model = dynzoo.create_model(name).eval()
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match='multi-exit network.*torch.jit.trace'):
+        warnings.simplefilter('ignore')  # torch.jit.script is deprecated
+        torch.jit.script(model)
+
+
+def test_densenet_bc_scripts_with_the_plain_bottleneck():
+    """TorchScript compiles the concatenating bottleneck; the memory-efficient one (an autograd function) stays
+    eager-only. Same outputs."""
+    model = dynzoo.create_model('densenet_bc_100_k12', num_classes=10).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.jit.script is deprecated
+        scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
 @pytest.mark.parametrize('name', ['msdnet_cifar_b7.c10', 'sdpoint_preresnet_cifar.c10'])
 def test_shipped_weights_load_for_other_input_channels_and_no_classifier(name):
     """timm adapts the first conv to in_chans after the checkpoint filter, and drops the classifier at 0 classes."""

@@ -194,6 +194,13 @@ class MultiExitNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         return list(self.iter_exits(x))
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: fail with the alternatives instead of an error deep inside the network.
+        raise RuntimeError(
+            f'{type(self).__name__} is a multi-exit network, which TorchScript cannot compile (its forward runs the '
+            'generator iter_exits). torch.jit.trace(model, x) and torch.export.export(model, (x,)) record every exit; '
+            'dynzoo.export writes each stage and its exit as an ONNX or pt2 graph.')
+
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
                               intermediates_only: bool = False):

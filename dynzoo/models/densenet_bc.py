@@ -121,12 +121,16 @@ class DenseLayer(nn.Module):
         """The 1x1 bottleneck output; memory-efficient only when a backward pass can follow (else nothing is saved)
         and not under ``torch.jit.trace`` or ``torch.fx`` tracing (fvcore and fx graphs get the plain, identical
         path)."""
-        params = (self.norm1.weight, self.norm1.bias, self.conv1.weight)
-        if (self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_tracing()
-                and not is_fx_tracing()
-                and any(t.requires_grad for t in (*params, *features))):
-            return _EfficientBottleneck.apply(self.norm1, *params, *features)
+        if not torch.jit.is_scripting() and self._saves_memory(features):
+            return _EfficientBottleneck.apply(self.norm1, self.norm1.weight, self.norm1.bias, self.conv1.weight,
+                                              *features)
         return self.conv1(F.relu(self.norm1(torch.cat(features, 1)), inplace=True))
+
+    @torch.jit.unused
+    def _saves_memory(self, features: List[torch.Tensor]) -> bool:
+        params = (self.norm1.weight, self.norm1.bias, self.conv1.weight)
+        return (self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_tracing()
+                and not is_fx_tracing() and any(t.requires_grad for t in (*params, *features)))
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         out = self.conv2(F.relu(self.norm2(self.bottleneck(features)), inplace=True))
