@@ -1,4 +1,6 @@
 """fuse_conv_bn and optimize_for_inference keep every exit's output, and real early exit on the faster models."""
+import collections
+
 import pytest
 import torch
 from PIL import Image
@@ -12,9 +14,9 @@ from dynzoo.inference import NEVER, early_exit, fit_thresholds, geometric_fracti
 from dynzoo.models import (FoldedBatchNorm, PointwiseConv, compact_batch, folded_batch_norms, fuse_conv_bn,
                            optimize_for_inference)
 from dynzoo.models._exits import GrowingMap, feature_map
-from dynzoo.models._fuse import MatmulConv1x1
+from dynzoo.models._fuse import FunctionalSequential, MatmulConv1x1
 from dynzoo.models.msdnet import (GROW_IN_PLACE_MIN_BATCH, MultiScaleDenseLayer, SameScaleDenseLayer,
-                                   ScaleTransition, SharedBottleneckLayer, TwoScaleDenseLayer)
+                                   ScaleTransition, SharedBottleneckLayer, TwoScaleDenseLayer, msdnet_op_counter)
 
 
 def _model_with_running_stats(name: str) -> nn.Module:
@@ -269,3 +271,51 @@ def test_sdpoint_without_instance_statistics_is_folded_and_refuses_to_store_them
         torch.testing.assert_close(fused(x, instance=(3, 0.5)), model(x, instance=(3, 0.5)), rtol=1e-4, atol=1e-5)
     with pytest.raises(RuntimeError, match='unfused model'):
         fused.store_bn_stats((3, 0.5))
+
+
+def test_functional_sequential_skips_module_calls_only_where_nothing_is_lost(monkeypatch):
+    """With autograd off, MSDNet's conv - BN - ReLU sequences run as functional ops, bit-identical to the module calls;
+    a hook on a layer or on every module, and a BatchNorm in training mode, still get their module calls."""
+    model = _model_with_running_stats('msdnet_cifar_b7')
+    num_norms = _num_batch_norms(model)
+    x = torch.randn(2, 3, 32, 32)
+    reference = [logits.detach() for logits in model(x)]  # autograd on: nn.Sequential's module calls
+    calls = collections.Counter()
+    norm_forward = nn.BatchNorm2d.forward
+
+    def counted_norm_forward(self, input):
+        calls[self] += 1
+        return norm_forward(self, input)
+
+    monkeypatch.setattr(nn.BatchNorm2d, 'forward', counted_norm_forward)
+    with torch.no_grad():
+        direct = model(x)
+    assert not calls
+    assert all(torch.equal(got, expected) for got, expected in zip(direct, reference))
+
+    hooked = model.blocks[0][1].layers[0].conv_normal.net  # the first dense layer's finest-scale conv sequence
+    assert type(hooked) is FunctionalSequential
+    seen = []
+    handle = hooked[4].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():
+        with_hook = model(x)
+    handle.remove()
+    assert seen == [(2, 6, 32, 32)] and list(calls) == [hooked[1], hooked[4]]  # that sequence's two BatchNorms
+    assert all(torch.equal(got, expected) for got, expected in zip(with_hook, reference))
+
+    calls.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert len(calls) == num_norms
+    counted_with_autograd = msdnet_op_counter(model, x)  # the authors' op counter hooks every Conv2d and ReLU
+    with torch.no_grad():
+        assert msdnet_op_counter(model, x) == counted_with_autograd
+
+    model.train()
+    norm = hooked[1]
+    before = norm.running_mean.clone()
+    with torch.no_grad():
+        model(x)
+    assert not torch.equal(norm.running_mean, before)  # batch statistics, running averages updated

@@ -9,10 +9,11 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ['FoldedBatchNorm', 'MatmulConv1x1', 'PointwiseConv', 'folded_batch_norms', 'fuse_conv_bn',
-           'optimize_for_inference', 'pointwise_matmul']
+__all__ = ['FoldedBatchNorm', 'FunctionalSequential', 'MatmulConv1x1', 'PointwiseConv', 'folded_batch_norms',
+           'fuse_conv_bn', 'optimize_for_inference', 'pointwise_matmul']
 
 
 class FoldedBatchNorm(nn.Identity):
@@ -140,6 +141,48 @@ class MatmulConv1x1(nn.Conv2d):
         if torch.is_grad_enabled() or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return self._conv_forward(x, self.weight, self.bias)
         return pointwise_matmul(x, self.weight.flatten(1), self.bias)
+
+
+def _hooks_or_tracing(modules: nn.Sequential) -> bool:
+    """Whether running these modules' ops directly would skip something their ``__call__`` does (``Module._call_impl``):
+    a forward or backward hook on one of them or on every module, a ``Module.compile()``, TorchScript tracing (which
+    records module scopes) or torch.compile."""
+    if (_module._global_forward_pre_hooks or _module._global_forward_hooks or _module._global_backward_pre_hooks
+            or _module._global_backward_hooks or torch._C._get_tracing_state() or torch.compiler.is_compiling()):
+        return True
+    return any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+               or m._compiled_call_impl is not None for m in modules)
+
+
+class FunctionalSequential(nn.Sequential):
+    """An ``nn.Sequential`` of conv / BatchNorm / ReLU layers (same ``state_dict`` as ``nn.Sequential``) that, with
+    autograd off and no hooks or tracing, runs them as their functional ops instead of module calls.
+
+    At batch 1 a small layer's module call costs about as much as its kernel, and MSDNet's first block runs dozens of
+    conv - BN - ReLU triples on maps of a few channels. Here an ``nn.Conv2d`` runs as its ``_conv_forward``, an
+    eval-mode ``nn.BatchNorm2d`` as ``torch.batch_norm`` with its running statistics, an ``nn.ReLU`` as
+    ``torch.relu(_)``, dynzoo's own inference layers by their ``forward``, and any other layer (a subclass included)
+    as a module call; the results are bit-identical to
+    ``nn.Sequential``'s. With autograd on, with a hook on any layer (``msdnet_op_counter``, profilers), while
+    TorchScript traces or torch.compile compiles, it is ``nn.Sequential``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or _hooks_or_tracing(self):
+            return super().forward(x)
+        for module in self:
+            kind = type(module)
+            if kind is nn.Conv2d:
+                x = module._conv_forward(x, module.weight, module.bias)
+            elif kind is nn.BatchNorm2d and not module.training and module.running_mean is not None:
+                x = torch.batch_norm(x, module.weight, module.bias, module.running_mean, module.running_var, False,
+                                     0.0, module.eps, torch.backends.cudnn.enabled)
+            elif kind is nn.ReLU:
+                x = torch.relu_(x) if module.inplace else torch.relu(x)
+            elif kind in (MatmulConv1x1, PointwiseConv, FoldedBatchNorm):
+                x = module.forward(x)
+            else:
+                x = module(x)
+        return x
 
 
 def is_plain_conv(module: nn.Module) -> bool:

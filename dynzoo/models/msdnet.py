@@ -28,7 +28,7 @@ from timm.models import register_model
 
 from ._normalization import normalization
 from ._exits import GrowingMap, MultiExitNetwork, feature_map
-from ._fuse import FoldedBatchNorm, MatmulConv1x1, is_plain_conv
+from ._fuse import FoldedBatchNorm, FunctionalSequential, MatmulConv1x1, is_plain_conv
 from ._helpers import (CheckpointMismatchError, build_model, check_state_dict, classifier_layer, dynzoo_default_cfgs,
                        init_he_fan_out, unwrap_state_dict)
 
@@ -47,7 +47,7 @@ class ConvBnAct(nn.Module):
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, padding: int = 1):
         super().__init__()
-        self.net = nn.Sequential(
+        self.net = FunctionalSequential(
             _conv(in_chs, out_chs, kernel_size, stride, padding),
             nn.BatchNorm2d(out_chs),
             nn.ReLU(inplace=True),
@@ -72,7 +72,7 @@ class BottleneckConv(nn.Module):
             nn.BatchNorm2d(out_chs),
             nn.ReLU(inplace=True),
         ]
-        self.net = nn.Sequential(*layers)
+        self.net = FunctionalSequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -149,7 +149,7 @@ class MultiScaleStem(nn.Module):
         widths = [channels * f for f in gr_factor]
         if imagenet_stem:
             # The authors' ImageNet stem conv keeps PyTorch's default bias (their Lua code had none).
-            first: nn.Module = nn.Sequential(
+            first: nn.Module = FunctionalSequential(
                 nn.Conv2d(in_chans, widths[0], 7, stride=2, padding=3),
                 nn.BatchNorm2d(widths[0]),
                 nn.ReLU(inplace=True),
@@ -237,7 +237,7 @@ class SharedBottleneckLayer(nn.Module):
         self.bottlenecks = nn.ModuleList(_merged_pointwise([net[0] for net in nets]) for nets in readers)
         self.final_widths = [dense.final_width for dense in layer.layers]
         self.branch_channels = [[(scale, start, end) for scale, start, end, _ in row] for row in branches]
-        self.branch_convs = nn.ModuleList(nn.ModuleList(nn.Sequential(*net[3:]) for *_, net in row)
+        self.branch_convs = nn.ModuleList(nn.ModuleList(FunctionalSequential(*net[3:]) for *_, net in row)
                                           for row in branches)
 
     def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -267,7 +267,8 @@ def _merged_pointwise(convs: Sequence[nn.Conv2d]) -> nn.Sequential:
         merged.weight.copy_(torch.cat([c.weight for c in convs]))
         merged.bias.copy_(torch.cat([c.bias for c in convs]))
     merged.requires_grad_(weight.requires_grad)
-    return nn.Sequential(merged, FoldedBatchNorm(merged.out_channels, folded=len(convs)).eval(), nn.ReLU(inplace=True))
+    return FunctionalSequential(merged, FoldedBatchNorm(merged.out_channels, folded=len(convs)).eval(),
+                                nn.ReLU(inplace=True))
 
 
 class ScaleTransition(nn.Module):
