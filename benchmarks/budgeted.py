@@ -2,7 +2,7 @@
 MSDNet's geometric thresholds against dynzoo's genetic threshold search (``--compare genetic``).
 
 ``--compare criteria``: for each model (shipped CIFAR-10 weights), the logits of every exit on the 10,000 CIFAR-10
-test images are computed once and cached in ``--out``; the test set is cut in two seeded halves (as ``dynzoo eval
+test images are computed once per weights and cached in ``--out``; the test set is cut in two seeded halves (as ``dynzoo eval
 --heldout-from test``): temperatures and thresholds are fitted on one, accuracy and MACs measured on the other. Per
 criterion (max probability, entropy, margin, patience; the first three also after per-exit temperature scaling):
 the MSDNet geometric curve (q = p/20) and thresholds fitted to common MACs budgets (``fit_to_budget``); for
@@ -21,6 +21,7 @@ model provides.
     python benchmarks/budgeted.py --compare genetic --model msdnet_cifar_b7 --checkpoint CKPT --data npz
 """
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -100,16 +101,27 @@ def model_logits(args):
     return name, val_logits, val_labels, test_logits, test_labels, macs
 
 
+def weights_fingerprint(model) -> str:
+    """A digest of the model's weights: cached logits of other weights are recomputed, never reused."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def cached_logits(name, path, out):
-    """Every exit's logits on the whole CIFAR-10 test set, in order, computed once and kept in ``out``."""
+    """Every exit's logits on the whole CIFAR-10 test set, in order, computed once per weights and kept in ``out``."""
     cache = Path(out) / f'logits_{name}.pt'
-    if not cache.is_file():
-        model = dynzoo.create_model(name, pretrained=True).eval()
+    model = dynzoo.create_model(name, pretrained=True).eval()
+    fingerprint = weights_fingerprint(model)
+    saved = torch.load(cache) if cache.is_file() else None
+    if saved is None or saved.get('weights') != fingerprint:
         test = cifar_dataset('test', source='npz', path=path, transform=eval_transform(model))
         logits, labels = collect_logits(model, DataLoader(test, batch_size=200), progress=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(dict(model=name, logits=torch.stack(logits), labels=labels), cache)
-    saved = torch.load(cache)
+        saved = dict(model=name, weights=fingerprint, logits=torch.stack(logits), labels=labels)
+        torch.save(saved, cache)
     return list(saved['logits']), saved['labels']
 
 
