@@ -236,13 +236,14 @@ def _answer(answers, flagged: List[int], rows: Optional[torch.Tensor], predictio
     return predictions, exits
 
 
-def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits: int, num_samples: int,
-                  device=None) -> EarlyExitResult:
+def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits: int,
+                  num_samples: Optional[int] = None, device=None) -> EarlyExitResult:
     """Apply ``rule`` exit by exit: the one loop behind ``simulate_early_exit`` and ``early_exit``.
 
     ``exit_logits`` is a generator like ``model.iter_exits(x)``: it yields exit k's logits for the samples still
     inside, in their original order, and takes ``send(keep)`` (the rows to keep, ``None`` when all stay) before the
-    next exit. Returns predictions, exits, samples per stage and non-finite flags; ``.macs`` is left to the caller.
+    next exit. ``num_samples`` and ``device`` default to the first exit's logits'. Returns predictions, exits,
+    samples per stage and non-finite flags; ``.macs`` is left to the caller.
     """
     rule.check(num_exits)
     # Right after a stage, each small tensor op costs many times what it costs alone (the stage has evicted it from
@@ -250,12 +251,14 @@ def run_exit_rule(rule: ExitRule, exit_logits: Iterator[torch.Tensor], num_exits
     # counts and finiteness are read from Python lists, ``inside`` (the batch positions of the samples still inside,
     # in order) and ``answers`` (predictions and exits) wait until the first samples leave, and nothing is indexed
     # at an exit that no sample leaves.
+    logits = next(exit_logits)
+    num_samples = len(logits) if num_samples is None else num_samples
+    device = logits.device if device is None else device
     inside = answers = None
     remaining = num_samples
     flagged = []  # batch positions whose answering logits hold a NaN or +Inf, or are all -Inf
     logit_sum = memory = None
     samples_per_stage = []
-    logits = next(exit_logits)
     try:
         for k in range(num_exits):
             samples_per_stage.append(remaining)
@@ -421,11 +424,13 @@ def early_exit(model, x: torch.Tensor, thresholds: Union[Sequence[float], ExitRu
     macs = _renamed(macs, flops, 'early_exit')
     _check_early_exit_model(model)
     rule = _as_rule(thresholds, fallback, strict)
-    rule.check(model.num_exits)
-    model.check_input(x)
-    macs = _check_macs(per_exit_macs(model, input_size=tuple(x.shape[1:]), scope='cascade') if macs is None
-                       else macs, model.num_exits)
-    result = run_exit_rule(rule, model.iter_exits(x), model.num_exits, x.shape[0], x.device)
+    if macs is not None:
+        macs = _check_macs(macs, model.num_exits)
+    # run_exit_rule checks the rule and iter_exits the input, each once, before any work: the input is known to
+    # fit the model before its costs are looked up (or, on the first call for this size, counted).
+    result = run_exit_rule(rule, model.iter_exits(x), model.num_exits)
+    if macs is None:
+        macs = per_exit_macs(model, input_size=tuple(x.shape[1:]), scope='cascade')
     result.macs = _spent(result.samples_per_stage, macs)
     return result
 
@@ -564,7 +569,7 @@ def scan_predict(logits_or_model, x: Optional[torch.Tensor] = None,
         model = logits_or_model
         _check_early_exit_model(model)
         with torch.no_grad():
-            result = run_exit_rule(rule, model.iter_exits(x), model.num_exits, x.shape[0], x.device)
+            result = run_exit_rule(rule, model.iter_exits(x), model.num_exits)
     num_outcomes = len(thresholds) + 1
     if len(relative_costs) != num_outcomes:
         raise ValueError(f'relative_costs needs one value per exit plus one for the ensemble ({num_outcomes}), '

@@ -298,6 +298,11 @@ def _lin5():
     return dynzoo.create_model('msdnet_cifar_lin5', num_classes=10).eval()
 
 
+def _scan():
+    torch.manual_seed(0)
+    return dynzoo.create_model('scan_resnet18', num_classes=10).eval()
+
+
 def _exit_logits(num_samples=20, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [2 * torch.randn(num_samples, 10, generator=generator) for _ in range(3)]
@@ -349,6 +354,13 @@ CASES += [
          raises=ValueError, match='thresholds must not be NaN'),
     Case('simulated-nan-threshold', lambda: simulate_early_exit(_exit_logits(), [float('nan'), 0.5]),
          raises=ValueError, match='thresholds must not be NaN'),
+    Case('early-exit-numpy-input', lambda: dynzoo.early_exit(_lin5(), np.zeros((2, 3, 32, 32), np.float32),
+                                                             [0.5] * 4),
+         raises=TypeError, match=r'got a numpy array: convert it with torch\.from_numpy\(x\)'),
+    Case('early-exit-input-size', lambda: dynzoo.early_exit(_lin5(), torch.zeros(2, 3, 64, 64), [0.5] * 4),
+         raises=ValueError, match=r'cannot take 64x64 inputs'),
+    Case('scan-predict-numpy-input', lambda: dynzoo.inference.scan_predict(_scan(), np.zeros((2, 3, 32, 32), np.float32)),
+         raises=TypeError, match=r'got a numpy array: convert it with torch\.from_numpy\(x\)'),
     _warns_and_flags(early_exit_nan_and_inf_inputs, [1, 3]),
     _warns_and_flags(simulated_nan_logits, [2]),
     Case('policy-unknown-criterion', lambda: dynzoo.ExitPolicy('max_probability'), raises=ValueError,
