@@ -2,13 +2,13 @@
 MSDNet's geometric thresholds against dynzoo's genetic threshold search (``--compare genetic``).
 
 ``--compare criteria``: for each model (shipped CIFAR-10 weights), the logits of every exit on the 10,000 CIFAR-10
-test images are computed once per weights and cached in ``--out``; the test set is cut in two seeded halves (as ``dynzoo eval
---heldout-from test``): temperatures and thresholds are fitted on one, accuracy and MACs measured on the other. Per
-criterion (max probability, entropy, margin, patience; the first three also after per-exit temperature scaling):
-the MSDNet geometric curve (q = p/20) and thresholds fitted to common MACs budgets (``fit_to_budget``); for
-patience also PABEE's points (one patience at every exit); and the expected calibration error of every exit before
-and after temperature scaling. Writes ``policies.json``,
-``policies.md`` and ``policies.png`` to ``--out``.
+test images are computed once per weights and cached in ``--out``; the test set is cut in two seeded halves (as
+``dynzoo eval --heldout-from test``): temperatures and thresholds are fitted on one, accuracy and MACs measured on
+the other. Per criterion (max probability, entropy, margin, patience; the first three also after per-exit
+temperature scaling): the MSDNet geometric curve (q = p/20) and thresholds fitted to common MACs budgets
+(``fit_to_budget``); for patience also PABEE's points (one patience at every exit); and the expected calibration
+error of every exit before and after temperature scaling. Writes ``policies.json``, ``policies.md`` and
+``policies.png`` to ``--out``.
 
 ``--compare genetic``: for each geometric operating point q, thresholds are fitted on the held-out logits (MSDNet
 protocol); the genetic search then gets the held-out expected MACs of that point as its budget. Both sets of
