@@ -111,16 +111,18 @@ def weights_fingerprint(model) -> str:
 
 
 def cached_logits(name, path, out):
-    """Every exit's logits on the whole CIFAR-10 test set, in order, computed once per weights and kept in ``out``."""
+    """Every exit's logits on the whole CIFAR-10 test set, in order, computed once per weights and data file and kept
+    in ``out``."""
     cache = Path(out) / f'logits_{name}.pt'
     model = dynzoo.create_model(name, pretrained=True).eval()
     fingerprint = weights_fingerprint(model)
+    data = str(Path(path).resolve())
     saved = torch.load(cache) if cache.is_file() else None
-    if saved is None or saved.get('weights') != fingerprint:
+    if saved is None or (saved.get('weights'), saved.get('data')) != (fingerprint, data):
         test = cifar_dataset('test', source='npz', path=path, transform=eval_transform(model))
         logits, labels = collect_logits(model, DataLoader(test, batch_size=200), progress=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        saved = dict(model=name, weights=fingerprint, logits=torch.stack(logits), labels=labels)
+        saved = dict(model=name, weights=fingerprint, data=data, logits=torch.stack(logits), labels=labels)
         torch.save(saved, cache)
     return list(saved['logits']), saved['labels']
 

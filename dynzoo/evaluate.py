@@ -180,11 +180,13 @@ def evaluate_anytime(model, loader, progress: bool = False) -> ResultTable:
 def measure_early_exit(model, loader, rule: ExitRule, progress: bool = False) -> Dict:
     """Real early exit (``dynzoo.early_exit``) with ``rule`` over every batch of ``loader``: accuracy, mean MACs per
     image and their ratio to the full network's, the fraction of images leaving at each exit, the seconds spent in
-    the early-exit calls, and the rule's thresholds."""
+    the early-exit calls, and the rule's thresholds. With ``fallback='ensemble'`` the fractions have one more entry:
+    the images no exit took, answered by the ensemble."""
     macs = per_exit_macs(model, scope='cascade')
     device = next(model.parameters()).device
     correct, spent, seen, elapsed = 0, 0.0, 0, 0.0
-    exit_counts = torch.zeros(model.num_exits, dtype=torch.long)
+    num_outcomes = model.num_exits + (rule.fallback == 'ensemble')
+    exit_counts = torch.zeros(num_outcomes, dtype=torch.long)
     for images, labels in tqdm(loader, desc='early exit', leave=False, disable=not progress):
         labels = check_labels(labels, len(images), model.num_classes)
         start = time.perf_counter()
@@ -192,7 +194,7 @@ def measure_early_exit(model, loader, rule: ExitRule, progress: bool = False) ->
         elapsed += time.perf_counter() - start
         correct += (result.predictions.cpu() == labels).sum().item()
         spent, seen = spent + result.macs, seen + len(labels)
-        exit_counts += torch.bincount(result.exits.cpu(), minlength=model.num_exits)
+        exit_counts += torch.bincount(result.exits.cpu(), minlength=num_outcomes)
     if seen == 0:
         raise ValueError('the loader yielded no batches')
     return dict(accuracy=correct / seen, mean_macs=spent / seen, macs_ratio=spent / seen / macs[-1],

@@ -564,16 +564,22 @@ def scan_predict(logits_or_model, x: Optional[torch.Tensor] = None,
     """
     rule = ExitRule(thresholds, fallback='ensemble', strict=True)
     if x is None:
+        logits_or_model = _as_logit_list(logits_or_model)
+        num_exits = len(logits_or_model)
+    else:
+        _check_early_exit_model(logits_or_model)
+        num_exits = logits_or_model.num_exits
+    if len(thresholds) != num_exits:  # one fewer would make the last exit take everyone: no ensemble ever
+        raise ValueError(f'scan_predict needs thresholds for all {num_exits} exits (the ensemble answers where none '
+                         f'fires), got {len(thresholds)}')
+    if len(relative_costs) != num_exits + 1:
+        raise ValueError(f'relative_costs needs one value per exit plus one for the ensemble ({num_exits + 1}), '
+                         f'got {len(relative_costs)}')
+    if x is None:
         result = simulate_early_exit(logits_or_model, rule)
     else:
-        model = logits_or_model
-        _check_early_exit_model(model)
         with torch.no_grad():
-            result = run_exit_rule(rule, model.iter_exits(x), model.num_exits)
-    num_outcomes = len(thresholds) + 1
-    if len(relative_costs) != num_outcomes:
-        raise ValueError(f'relative_costs needs one value per exit plus one for the ensemble ({num_outcomes}), '
-                         f'got {len(relative_costs)}')
+            result = run_exit_rule(rule, logits_or_model.iter_exits(x), num_exits)
     result.macs = float(torch.as_tensor(relative_costs, dtype=torch.float64)[result.exits.cpu()].sum())
     return result
 

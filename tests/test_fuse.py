@@ -319,3 +319,21 @@ def test_functional_sequential_skips_module_calls_only_where_nothing_is_lost(mon
     with torch.no_grad():
         model(x)
     assert not torch.equal(norm.running_mean, before)  # batch statistics, running averages updated
+
+
+def test_functional_sequential_keeps_the_module_checks_and_fx_graphs():
+    """The direct path refuses what nn.Sequential refuses (BatchNorm2d's 4-D check: a 3-D map whose height equals its
+    channel count would otherwise be normalised along the wrong axis), and torch.fx records module calls, so a
+    traced graph switched to training mode still uses batch statistics."""
+    torch.manual_seed(0)
+    layers = FunctionalSequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    layers[1].running_mean.normal_()
+    with torch.no_grad(), pytest.raises(ValueError, match='expected 4D input'):
+        layers(torch.randn(3, 8, 8))
+    with torch.no_grad():
+        graph = torch.fx.symbolic_trace(layers)
+    assert [node.op for node in graph.graph.nodes] == ['placeholder'] + ['call_module'] * 3 + ['output']
+    x = torch.randn(4, 3, 8, 8)
+    graph.train(), layers.train()
+    with torch.no_grad():
+        assert torch.equal(graph(x), layers(x))

@@ -184,6 +184,11 @@ def test_scan_predict_real_equals_simulated(msdnet):
     assert torch.equal(real.predictions, simulated.predictions) and torch.equal(real.exits, simulated.exits)
     with pytest.raises(ValueError, match='thresholds'):
         scan_predict(logits)  # the authors' four thresholds do not fit a seven-exit model
+    # one threshold fewer than exits would let the last exit take everyone (no ensemble): refused, before any work
+    with pytest.raises(ValueError, match=r'thresholds for all 7 exits.*got 6'):
+        scan_predict(msdnet, x, thresholds=thresholds[:-1], relative_costs=[1] * 7)
+    with pytest.raises(ValueError, match=r'relative_costs needs one value per exit plus one for the ensemble \(8\)'):
+        scan_predict(msdnet, torch.zeros(2, 3, 32, 32), thresholds=thresholds, relative_costs=[1] * 7)
 
 
 @pytest.fixture
@@ -386,3 +391,8 @@ def test_measure_early_exit_counts_where_images_leave_and_what_they_cost():
     everyone_first = measure_early_exit(model, loader, ExitRule([ALWAYS] * 4))
     assert everyone_first['exit_fractions'] == [1, 0, 0, 0, 0] and everyone_first['mean_macs'] == macs[0]
 
+    # SCAN's rule: no exit fires at NEVER, so the ensemble of all exits answers (outcome num_exits)
+    ensemble = measure_early_exit(model, loader, ExitRule([NEVER] * 5, fallback='ensemble'))
+    assert ensemble['exit_fractions'] == [0, 0, 0, 0, 0, 1] and ensemble['macs_ratio'] == 1
+    mean_logits = torch.stack(model(images)).mean(0)
+    assert ensemble['accuracy'] == (mean_logits.argmax(1) == labels).double().mean().item()

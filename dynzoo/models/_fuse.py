@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn.modules import module as _module
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ._inputs import is_fx_tracing
+
 __all__ = ['FoldedBatchNorm', 'FunctionalSequential', 'MatmulConv1x1', 'PointwiseConv', 'folded_batch_norms',
            'fuse_conv_bn', 'optimize_for_inference', 'pointwise_matmul']
 
@@ -146,9 +148,10 @@ class MatmulConv1x1(nn.Conv2d):
 def _hooks_or_tracing(modules: nn.Sequential) -> bool:
     """Whether running these modules' ops directly would skip something their ``__call__`` does (``Module._call_impl``):
     a forward or backward hook on one of them or on every module, a ``Module.compile()``, TorchScript tracing (which
-    records module scopes) or torch.compile."""
+    records module scopes), ``torch.fx`` tracing (which records module calls) or torch.compile."""
     if (_module._global_forward_pre_hooks or _module._global_forward_hooks or _module._global_backward_pre_hooks
-            or _module._global_backward_hooks or torch._C._get_tracing_state() or torch.compiler.is_compiling()):
+            or _module._global_backward_hooks or torch._C._get_tracing_state() or torch.compiler.is_compiling()
+            or is_fx_tracing()):
         return True
     return any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
                or m._compiled_call_impl is not None for m in modules)
@@ -164,10 +167,11 @@ class FunctionalSequential(nn.Sequential):
     ``torch.relu(_)``, dynzoo's own inference layers by their ``forward``, and any other layer (a subclass included)
     as a module call; the results are bit-identical to
     ``nn.Sequential``'s. With autograd on, with a hook on any layer (``msdnet_op_counter``, profilers), while
-    TorchScript traces or torch.compile compiles, it is ``nn.Sequential``."""
+    TorchScript or ``torch.fx`` traces or torch.compile compiles, and for input that is not 4-D (which
+    ``nn.BatchNorm2d`` refuses), it is ``nn.Sequential``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or _hooks_or_tracing(self):
+        if torch.is_grad_enabled() or _hooks_or_tracing(self) or x.dim() != 4:
             return super().forward(x)
         for module in self:
             kind = type(module)
