@@ -8,10 +8,13 @@ PREPROCESS_HINT = ('dynzoo.evaluate.eval_transform(model) turns PIL images into 
                    'into an N x C x H x W batch')
 
 
+_fx = torch.fx._symbolic_trace
+_fx_tracing = getattr(_fx, 'is_fx_symbolic_tracing', _fx.is_fx_tracing)  # older torch has only the latter
+
+
 def is_fx_tracing() -> bool:
     """Whether ``torch.fx`` symbolic tracing is recording the forward."""
-    fx = torch.fx._symbolic_trace
-    return getattr(fx, 'is_fx_symbolic_tracing', fx.is_fx_tracing)()  # older torch has only the latter
+    return _fx_tracing()
 
 
 def is_recording() -> bool:
