@@ -132,11 +132,15 @@ def test_features_only_returns_the_feature_info_maps(name):
         assert torch.equal(last(torch.ones(1, 3, 32, 32))[0], last.model.forward_features(torch.ones(1, 3, 32, 32)))
 
 
+@pytest.mark.parametrize('autograd', [True, False], ids=['grad', 'no_grad'])
 @pytest.mark.parametrize('name', MULTI_EXIT_CIFAR + ['densenet_bc_100_k12', 'sdpoint_preresnet_cifar'])
-def test_fx_traces_the_models(name):
+def test_fx_traces_the_models(name, autograd):
+    """With autograd off too (timm's fx tests and feature extractors trace under ``inference_mode``): the inference
+    fast paths must not branch on a traced value."""
     model = dynzoo.create_model(name, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
-    graph = torch.fx.symbolic_trace(model)
+    with torch.set_grad_enabled(autograd):
+        graph = torch.fx.symbolic_trace(model)
     with torch.no_grad():
         expected, got = model(x), graph(x)
     for e, g in zip(*[[t] if isinstance(t, torch.Tensor) else t for t in (expected, got)], strict=True):

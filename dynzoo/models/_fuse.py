@@ -133,14 +133,15 @@ class MatmulConv1x1(nn.Conv2d):
     """An ``nn.Conv2d`` with a 1x1 kernel, stride 1 and no padding (same parameters and ``state_dict``) that, with
     autograd off and NCHW input, computes ``pointwise_matmul``: MSDNet's inference path, where its dense layers grow
     their feature maps in place (batch-strided views that a convolution would copy) and its 1x1 convolutions have
-    few output channels, which oneDNN's NCHW convolution runs slowly on large maps. With autograd on (training) or
-    channels-last input it is ``nn.Conv2d``. Outputs agree within float rounding."""
+    few output channels, which oneDNN's NCHW convolution runs slowly on large maps. With autograd on (training),
+    channels-last input or while ``torch.fx`` traces it is ``nn.Conv2d``. Outputs agree within float rounding."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+        if (torch.is_grad_enabled() or is_fx_tracing()
+                or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())):
             return self._conv_forward(x, self.weight, self.bias)
         return pointwise_matmul(x, self.weight.flatten(1), self.bias)
 
@@ -201,7 +202,8 @@ class PointwiseConv(nn.Module):
     oneDNN's NCHW convolution reorders its whole input for every call, so 1x1 convolutions with few output channels
     on large maps (MSDNet's 6-channel bottlenecks on 32x32 maps) run at 1-2 GMAC/s on CPU, up to 6x slower than
     ``weight @ x`` per image. Channels-last input keeps the convolution, which is fast there. Same outputs within
-    float rounding; the weight is stored as ``(out_channels, in_channels)``."""
+    float rounding; the weight is stored as ``(out_channels, in_channels)``. While ``torch.fx`` traces it is the
+    convolution."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -217,7 +219,7 @@ class PointwiseConv(nn.Module):
                 and module.padding_mode == 'zeros')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if is_fx_tracing() or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return F.conv2d(x, self.weight[:, :, None, None], self.bias)
         return pointwise_matmul(x, self.weight, self.bias)
 
