@@ -12,8 +12,6 @@ from torch import nn
 from torch.nn.modules import module as _module
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ._inputs import is_fx_tracing
-
 __all__ = ['FoldedBatchNorm', 'FunctionalSequential', 'MatmulConv1x1', 'PointwiseConv', 'folded_batch_norms',
            'fuse_conv_bn', 'optimize_for_inference', 'pointwise_matmul']
 
@@ -140,7 +138,7 @@ class MatmulConv1x1(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() or is_fx_tracing()
+        if (torch.is_grad_enabled() or isinstance(x, torch.fx.Proxy)
                 or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())):
             return self._conv_forward(x, self.weight, self.bias)
         return pointwise_matmul(x, self.weight.flatten(1), self.bias)
@@ -149,10 +147,9 @@ class MatmulConv1x1(nn.Conv2d):
 def _hooks_or_tracing(modules: nn.Sequential) -> bool:
     """Whether running these modules' ops directly would skip something their ``__call__`` does (``Module._call_impl``):
     a forward or backward hook on one of them or on every module, a ``Module.compile()``, TorchScript tracing (which
-    records module scopes), ``torch.fx`` tracing (which records module calls) or torch.compile."""
+    records module scopes) or torch.compile."""
     if (_module._global_forward_pre_hooks or _module._global_forward_hooks or _module._global_backward_pre_hooks
-            or _module._global_backward_hooks or torch._C._get_tracing_state() or torch.compiler.is_compiling()
-            or is_fx_tracing()):
+            or _module._global_backward_hooks or torch._C._get_tracing_state() or torch.compiler.is_compiling()):
         return True
     return any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
                or m._compiled_call_impl is not None for m in modules)
@@ -172,7 +169,8 @@ class FunctionalSequential(nn.Sequential):
     ``nn.BatchNorm2d`` refuses), it is ``nn.Sequential``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or _hooks_or_tracing(self) or x.dim() != 4:
+        # a torch.fx Proxy: fx records module calls; not 4-D: nn.BatchNorm2d's check refuses it
+        if torch.is_grad_enabled() or isinstance(x, torch.fx.Proxy) or _hooks_or_tracing(self) or x.dim() != 4:
             return super().forward(x)
         for module in self:
             kind = type(module)
@@ -219,7 +217,8 @@ class PointwiseConv(nn.Module):
                 and module.padding_mode == 'zeros')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_fx_tracing() or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+        if (isinstance(x, torch.fx.Proxy)
+                or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())):
             return F.conv2d(x, self.weight[:, :, None, None], self.bias)
         return pointwise_matmul(x, self.weight, self.bias)
 

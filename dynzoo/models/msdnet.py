@@ -29,7 +29,6 @@ from timm.models import register_model
 from ._normalization import normalization
 from ._exits import GrowingMap, MultiExitNetwork, feature_map
 from ._fuse import FoldedBatchNorm, FunctionalSequential, MatmulConv1x1, is_plain_conv
-from ._inputs import is_fx_tracing
 from ._helpers import (CheckpointMismatchError, build_model, check_state_dict, classifier_layer, dynzoo_default_cfgs,
                        init_he_fan_out, unwrap_state_dict)
 
@@ -96,7 +95,7 @@ def concat_channels(tensors: Sequence[Union[torch.Tensor, GrowingMap]],
     modify their input, so every earlier view stays valid."""
     maps = [feature_map(t) for t in tensors]
     base = maps[0]
-    if torch.is_grad_enabled() or is_fx_tracing() or base.shape[0] < GROW_IN_PLACE_MIN_BATCH:
+    if torch.is_grad_enabled() or isinstance(base, torch.fx.Proxy) or base.shape[0] < GROW_IN_PLACE_MIN_BATCH:
         return torch.cat(maps, dim=1)
     width = sum(t.shape[1] for t in maps)
     first = tensors[0]
