@@ -85,9 +85,9 @@ GROW_IN_PLACE_MIN_BATCH = 8
 def concat_channels(tensors: Sequence[Union[torch.Tensor, GrowingMap]],
                     final_width: int = 0) -> Union[torch.Tensor, GrowingMap]:
     """``torch.cat`` of the feature maps along the channels, as the authors' dense layers; with autograd off (dynzoo's
-    inference path) and at least ``GROW_IN_PLACE_MIN_BATCH`` samples, a ``GrowingMap`` instead: the result is a view
-    of a buffer with spare channels after it, and the next call that appends to it writes only its new channels there,
-    where ``torch.cat`` would copy the whole map at every layer.
+    inference path; not while ``torch.fx`` traces) and at least ``GROW_IN_PLACE_MIN_BATCH`` samples, a ``GrowingMap``
+    instead: the result is a view of a buffer with spare channels after it, and the next call that appends to it
+    writes only its new channels there, where ``torch.cat`` would copy the whole map at every layer.
 
     The first entry's buffer is used when it is a ``GrowingMap`` that still holds one with room; otherwise a new buffer
     with ``final_width`` channels (the width this scale reaches before a transition or its exit drops it, so that it
