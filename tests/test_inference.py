@@ -174,7 +174,7 @@ def test_early_exit_counts_cascade_macs(msdnet):
     assert everyone_at_exit1.macs == 2 * MSDNET_CIFAR_B7_CASCADE[0] and everyone_at_exit1.samples_per_stage == [2]
 
 
-def test_scan_predict_real_equals_simulated(msdnet):
+def test_scan_predict_real_equals_simulated(msdnet, monkeypatch):
     x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = msdnet(x)
@@ -185,6 +185,7 @@ def test_scan_predict_real_equals_simulated(msdnet):
     with pytest.raises(ValueError, match='thresholds'):
         scan_predict(logits)  # the authors' four thresholds do not fit a seven-exit model
     # one threshold fewer than exits would let the last exit take everyone (no ensemble): refused, before any work
+    monkeypatch.setattr(msdnet, 'iter_exits', lambda x: pytest.fail('scan_predict ran the model before its checks'))
     with pytest.raises(ValueError, match=r'thresholds for all 7 exits.*got 6'):
         scan_predict(msdnet, x, thresholds=thresholds[:-1], relative_costs=[1] * 7)
     with pytest.raises(ValueError, match=r'relative_costs needs one value per exit plus one for the ensemble \(8\)'):
