@@ -337,3 +337,21 @@ def test_functional_sequential_keeps_the_module_checks_and_fx_graphs():
     graph.train(), layers.train()
     with torch.no_grad():
         assert torch.equal(graph(x), layers(x))
+
+
+def test_functional_sequential_calls_parametrized_layers():
+    """A parametrized layer (another class than nn.Conv2d, its weight computed) runs as a module call."""
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    torch.manual_seed(0)
+    layers = FunctionalSequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  MatmulConv1x1(8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        plain = layers(x)
+        for layer in (layers[0], layers[3]):
+            nn.utils.parametrize.register_parametrization(layer, 'weight', Doubled())
+        doubled = layers(x)
+        assert torch.equal(doubled, nn.Sequential.forward(layers, x)) and not torch.equal(doubled, plain)
