@@ -132,7 +132,9 @@ def per_exit_macs(model: MultiExitNetwork, input_size: Optional[Sequence[int]] =
     network).
 
     scope (fvcore convention):
-      * ``'cascade'``: stages 1..k plus heads 1..k, the cost of a sample tried at every earlier exit;
+      * ``'cascade'``: stages 1..k plus heads 1..k as ``forward_stage`` runs them, the cost of a sample tried at
+        every earlier exit (MSDNet's stages are lazy, ``dynzoo.models.msdnet.LazyBlock``, so for its registered
+        configurations this equals ``'lazy'``; the authors' whole blocks cost more, ``convention='authors'``);
       * ``'standalone'``: stages 1..k plus head k only;
       * ``'lazy'``: heads 1..k and only the stage work those heads need (work that only later exits use, such as
         MSDNet's finer scales in its last layers, is left out).
@@ -209,22 +211,26 @@ def per_exit_flops(*args, **kwargs) -> List[int]:
 
 
 @contextmanager
-def _track_called_modules(called: Set[nn.Module]):
-    handle = nn.modules.module.register_module_forward_pre_hook(lambda module, args: called.add(module))
+def _track_called_modules(model: nn.Module, called: Set[nn.Module]):
+    """Record in ``called`` every module of ``model`` that runs. The hooks sit on the modules, so networks whose
+    stages run lazily unless hooked (MSDNet's ``LazyBlock``) run their stages whole, as their authors did."""
+    handles = [m.register_forward_pre_hook(lambda module, args: called.add(module)) for m in model.modules()]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def per_exit_params(model: MultiExitNetwork, input_size: Optional[Sequence[int]] = None) -> List[int]:
-    """Cumulative parameters per exit: everything that stages 1..k and heads 1..k use."""
+    """Cumulative parameters per exit: everything that stages 1..k and heads 1..k use, with the stages run whole
+    (MSDNet: its blocks 1..k, as the papers count them)."""
     if not isinstance(model, MultiExitNetwork):
         return [sum(p.numel() for p in model.parameters())]
     x = _example_input(model, input_size)
     called: Set[nn.Module] = set()
     counts = []
-    with _eval_mode(model), _track_called_modules(called):
+    with _eval_mode(model), _track_called_modules(model, called):
         state = x
         for k in range(model.num_exits):
             state = model.forward_stage(k, state)

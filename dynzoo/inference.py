@@ -415,9 +415,8 @@ def early_exit(model, x: torch.Tensor, thresholds: Union[Sequence[float], ExitRu
 
     Same rule and arguments as ``simulate_early_exit``; predictions are identical. ``.macs`` counts the multiply-adds
     actually spent: for each stage k, (samples that ran stage k) x (stage k + head k), from ``per_exit_macs(model,
-    scope='cascade')`` differences. Cascade is the right scope because ``iter_exits`` computes each stage's whole
-    state (for MSDNet, every scale of the block, including finer scales that only later exits use) and every head
-    of the exits a sample was tried at; 'lazy' would leave out work that does run, 'standalone' the earlier heads.
+    scope='cascade')`` differences: the stages as ``iter_exits`` runs them (MSDNet's lazily: work that only later
+    exits use runs when the next stage starts) and the head of every exit a sample was tried at.
     The per-exit costs are counted on the first call for a model and input size and cached (``dynzoo.flops``);
     ``macs`` (cascade, at ``x``'s image size) overrides them. The model must be in eval mode.
     """

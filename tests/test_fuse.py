@@ -99,14 +99,21 @@ def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
     pointwise = [m for m in optimized.modules() if isinstance(m, (PointwiseConv, MatmulConv1x1))]
     dense_layers = [m for m in model.modules() if isinstance(m, MultiScaleDenseLayer)]
     transitions = [m for m in model.modules() if isinstance(m, ScaleTransition)]
-    assert sum(isinstance(m, SharedBottleneckLayer) for m in optimized.modules()) == len(dense_layers) == 16
-    # the 54 bottleneck 1x1 convs (two per scale a layer reads, one for its coarsest and a dropped finest) become
-    # one per scale read
-    bottlenecks = sum(len(m.layers) + len([l for l in m.layers if isinstance(l, TwoScaleDenseLayer)])
-                      for m in dense_layers)
-    scales_read = sum(m.discard + len(m.layers) for m in dense_layers)
-    assert (bottlenecks, scales_read) == (54, 36)
-    assert len(pointwise) == scales_read + sum(len(t.m) for t in transitions) == 39
+    # Every dense layer becomes a SharedBottleneckLayer but those whose finer outputs LazyBlock computes after the
+    # exit (a shared bottleneck would compute them before it): 9 of the 16.
+    merged = [m for m in dense_layers if not m.defers_outputs]
+    assert sum(isinstance(m, SharedBottleneckLayer) for m in optimized.modules()) == len(merged) == 9
+    assert len(dense_layers) == 16 and all(m.defers_outputs for m in optimized.modules()
+                                           if isinstance(m, MultiScaleDenseLayer))
+
+    def bottlenecks(layers):  # two per scale a layer reads, one for its coarsest and a dropped finest
+        return sum(len(m.layers) + len([l for l in m.layers if isinstance(l, TwoScaleDenseLayer)]) for m in layers)
+
+    # the merged layers' bottleneck 1x1 convs become one per scale read
+    scales_read = sum(m.discard + len(m.layers) for m in merged)
+    assert (bottlenecks(dense_layers), bottlenecks(merged), scales_read) == (54, 25, 18)
+    unmerged = bottlenecks(dense_layers) - bottlenecks(merged)
+    assert len(pointwise) == scales_read + unmerged + sum(len(t.m) for t in transitions) == 50
     assert folded_batch_norms(optimized) == 128
     assert _num_batch_norms(model) == 128 and not any(isinstance(m, SharedBottleneckLayer) for m in model.modules())
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -116,8 +123,9 @@ def test_optimized_model_equals_unfused_and_grows_feature_maps_in_place():
             for exit_expected, exit_got in zip(expected, optimized(x)):
                 assert (exit_got - exit_expected).abs().max() <= 1e-10 * exit_expected.abs().max()
         first = optimized.forward_stage(0, x)
-        assert isinstance(first[0], GrowingMap) and first[0].map.shape[1] == 40
-        assert first[0].spare[0].shape[1] > 40 and first[0].map.data_ptr() == first[0].spare[0].data_ptr()
+        # the finest scale after the block's second layer: the last two layers' finest outputs are computed later
+        assert isinstance(first[0], GrowingMap) and first[0].map.shape[1] == 28
+        assert first[0].spare[0].shape[1] > 28 and first[0].map.data_ptr() == first[0].spare[0].data_ptr()
         again, twice = optimized.forward_stage(1, first), optimized.forward_stage(1, first)
         assert not first[0].spare  # the first call took the buffer: the second one copied into a fresh one
         kept = [feature_map(t).clone() for t in again]
@@ -135,7 +143,8 @@ SMALL = dict(channels=8, growth_rate=4)
 @pytest.mark.parametrize('kwargs, size, shared', [
     (dict(bottleneck=False, **SMALL), 32, False),
     (dict(prune='min', **SMALL), 32, True),
-    (dict(gr_factor='1-2-4-4', bn_factor='1-1-2-2', n_blocks=2, base=3, step=2, **SMALL), 64, True),  # 4 scales
+    # 4 scales in blocks of 3 and 2 layers: every layer has a finer output computed after its block's exit
+    (dict(gr_factor='1-2-4-4', bn_factor='1-1-2-2', n_blocks=2, base=3, step=2, **SMALL), 64, False),
     (dict(step_mode='lin_grow', step=1, n_blocks=4, **SMALL), 32, True),
     (dict(stem='imagenet', n_blocks=3, base=2, step=2, **SMALL), 96, True),
 ])

@@ -1,12 +1,15 @@
 """MSDNet against the authors' code: keys, outputs, parameter counts, FLOPs (spec ../shared/specs/msdnet.md)."""
 import collections
+import contextlib
 import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import dynzoo
+from dynzoo.flops import clear_macs_cache
 from dynzoo.models import CheckpointMismatchError, MSDNet
 from dynzoo.models.msdnet import GROW_IN_PLACE_MIN_BATCH
 from parity import deterministic_state_dict, load_keys, load_manifest, load_outputs
@@ -71,14 +74,30 @@ def test_outputs_match_authors_code(fixture_id):
         assert torch.equal(out, again)
 
 
+@contextlib.contextmanager
+def _whole_blocks(model):
+    """The authors' schedule: a hook on every block makes forward_stage run it whole (no LazyBlock)."""
+    handles = [block.register_forward_hook(lambda *args: None) for block in model.blocks]
+    clear_macs_cache(model)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        clear_macs_cache(model)
+
+
 @pytest.mark.parametrize('fixture_id', sorted(MANIFEST))
 def test_per_exit_macs_and_params_match_manifest(fixture_id):
     model, entry = _fixture_model(fixture_id)
     per_exit = entry['per_exit']
     assert dynzoo.per_exit_macs(model, convention='authors') == [e['official_flops'] for e in per_exit]
-    assert dynzoo.per_exit_macs(model) == [e['fvcore_cumulative'] for e in per_exit]
-    assert dynzoo.per_exit_macs(model, scope='standalone') == [e['fvcore_standalone'] for e in per_exit]
+    # dynzoo's lazy blocks spend, up to each exit, exactly the work that exit needs: the spec's lazy scope.
+    assert dynzoo.per_exit_macs(model) == [e['fvcore_lazy'] for e in per_exit]
     assert dynzoo.per_exit_macs(model, scope='lazy') == [e['fvcore_lazy'] for e in per_exit]
+    with _whole_blocks(model):
+        assert dynzoo.per_exit_macs(model) == [e['fvcore_cumulative'] for e in per_exit]
+        assert dynzoo.per_exit_macs(model, scope='standalone') == [e['fvcore_standalone'] for e in per_exit]
     assert dynzoo.per_exit_params(model) == [e['cumulative_params'] for e in per_exit]
     assert sum(p.numel() for p in model.parameters()) == entry['total_params']
 
@@ -105,8 +124,50 @@ def test_authors_flops_every_config(name, num_classes):
 @pytest.mark.parametrize('scope', sorted(LIN5_FVCORE_MFLOPS))
 def test_fvcore_scopes_budgeted_config(scope):
     model = dynzoo.create_model('msdnet_cifar_lin5')
-    flops = dynzoo.per_exit_macs(model, scope=scope)
+    with _whole_blocks(model):  # the spec counts the authors' whole blocks
+        flops = dynzoo.per_exit_macs(model, scope=scope)
     assert [round(f / 1e6, 2) for f in flops] == LIN5_FVCORE_MFLOPS[scope]
+    assert [round(f / 1e6, 2) for f in dynzoo.per_exit_macs(model)] == LIN5_FVCORE_MFLOPS['lazy']
+
+
+@pytest.mark.parametrize('name,optimized,batch', [
+    ('msdnet_cifar_b7', False, 3), ('msdnet_cifar_b7', True, GROW_IN_PLACE_MIN_BATCH),
+    ('msdnet_cifar_lin5', False, GROW_IN_PLACE_MIN_BATCH), ('msdnet_cifar_b10', True, 2),
+    ('msdnet_step4', False, 1)])
+def test_lazy_blocks_skip_work_and_keep_outputs(name, optimized, batch):
+    """forward_stage runs each block only as far as its exit needs and finishes it when the next stage starts: the
+    outputs equal the authors' whole blocks bit for bit, and running to exit 1 costs the lazy scope's MACs."""
+    torch.manual_seed(0)
+    model = dynzoo.create_model(name, num_classes=10).eval()
+    if optimized:
+        model = dynzoo.optimize_for_inference(model)
+    x = torch.randn(batch, *model.default_input_size)
+    with torch.no_grad():
+        lazy = model(x)
+        state, whole = x, []
+        for block, head in zip(model.blocks, model.classifier):  # the authors' order, block modules called whole
+            state = block(state)
+            whole.append(head(model.exit_input(0, state)))
+        with FlopCounterMode(display=False) as counter:
+            next(model.iter_exits(x[:1]))
+    assert all(torch.equal(a, b) for a, b in zip(lazy, whole))
+    lazy_macs = dynzoo.per_exit_macs(model, scope='lazy')
+    assert counter.get_total_flops() // 2 == lazy_macs[0] == dynzoo.per_exit_macs(model)[0]
+    with _whole_blocks(model):
+        assert dynzoo.per_exit_macs(model)[0] > lazy_macs[0]
+
+
+def test_hooked_block_runs_whole():
+    """A hook on a block (or one of its layers) sees the block run as the authors run it: whole, once."""
+    model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10).eval()
+    outputs = []
+    model.blocks[0].register_forward_hook(lambda module, args, output: outputs.append(output))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)
+        assert len(outputs) == 1 and [t.shape[1] for t in outputs[0]] == [40, 80, 160]
+        torch.testing.assert_close(model.blocks[1](outputs[0])[-1], model.forward_stage(1, outputs[0])[-1])
+    assert logits[0].shape == (2, 10)
 
 
 def _authors_file(model, path):
@@ -293,5 +354,6 @@ def test_inference_path_allocates_each_growing_map_once():
     # 16/32/64 stem channels, growth 6/12/24 per layer: 4 layers in block 0, 2 in block 1, then block 2's first layer
     # grows scales 1 and 2 once more and drops scale 0 before its transition.
     assert [b.shape[1] for b in buffers] == [52, 116, 232]
-    assert [entry.map.shape[1] for entry in after_block_1] == [52, 104, 208]
+    # block 1 leaves its last layer's scales 0 and 1 for stage 2 (LazyBlock): 40 and 92 channels for now
+    assert [entry.map.shape[1] for entry in after_block_1] == [40, 92, 208]
     assert [entry.map.data_ptr() for entry in after_block_1] == [b.data_ptr() for b in buffers]

@@ -3,7 +3,7 @@
 matrix products (``optimize_for_inference``)."""
 import copy
 import inspect
-from typing import Iterator, Optional, Set, Tuple
+from typing import Iterable, Iterator, Optional, Set, Tuple
 
 import torch
 import torch.fx
@@ -13,7 +13,7 @@ from torch.nn.modules import module as _module
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 __all__ = ['FoldedBatchNorm', 'FunctionalSequential', 'MatmulConv1x1', 'PointwiseConv', 'folded_batch_norms',
-           'fuse_conv_bn', 'optimize_for_inference', 'pointwise_matmul']
+           'fuse_conv_bn', 'has_call_hooks', 'optimize_for_inference', 'pointwise_matmul']
 
 
 class FoldedBatchNorm(nn.Identity):
@@ -147,15 +147,20 @@ class MatmulConv1x1(nn.Conv2d):
         return pointwise_matmul(x, weight.flatten(1), bias)
 
 
-def _hooks_or_tracing(modules: nn.Sequential) -> bool:
-    """Whether running these modules' ops directly would skip something their ``__call__`` does (``Module._call_impl``):
-    a forward or backward hook on one of them or on every module, a ``Module.compile()``, TorchScript tracing (which
-    records module scopes) or torch.compile."""
-    if (_module._global_forward_pre_hooks or _module._global_forward_hooks or _module._global_backward_pre_hooks
-            or _module._global_backward_hooks or torch._C._get_tracing_state() or torch.compiler.is_compiling()):
+def has_call_hooks(modules: Iterable[nn.Module], include_global: bool = True) -> bool:
+    """Whether calling any of these modules does more than its ``forward`` (``Module._call_impl``): a forward or
+    backward hook on it or (``include_global``) on every module, or a ``Module.compile()``."""
+    if include_global and (_module._global_forward_pre_hooks or _module._global_forward_hooks
+                           or _module._global_backward_pre_hooks or _module._global_backward_hooks):
         return True
     return any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
                or m._compiled_call_impl is not None for m in modules)
+
+
+def _hooks_or_tracing(modules: nn.Sequential) -> bool:
+    """Whether running these modules' ops directly would skip something their ``__call__`` does: a hook or
+    ``Module.compile()`` (``has_call_hooks``), TorchScript tracing (which records module scopes) or torch.compile."""
+    return torch._C._get_tracing_state() or torch.compiler.is_compiling() or has_call_hooks(modules)
 
 
 class FunctionalSequential(nn.Sequential):

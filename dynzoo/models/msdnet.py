@@ -20,7 +20,7 @@ differs:
   same outputs within float rounding, same ``state_dict``.
 """
 import math
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from timm.models import register_model
 
 from ._normalization import normalization
 from ._exits import GrowingMap, MultiExitNetwork, feature_map
-from ._fuse import FoldedBatchNorm, FunctionalSequential, MatmulConv1x1, is_plain_conv
+from ._fuse import FoldedBatchNorm, FunctionalSequential, MatmulConv1x1, has_call_hooks, is_plain_conv
 from ._helpers import (CheckpointMismatchError, build_model, check_state_dict, classifier_layer, dynzoo_default_cfgs,
                        init_he_fan_out, unwrap_state_dict)
 
@@ -190,14 +190,18 @@ class MultiScaleDenseLayer(nn.Module):
                     in_chs * gr_factor[s - 1], in_chs * gr_factor[s], growth * gr_factor[s],
                     bottleneck, bn_factor[s - 1], bn_factor[s]))
         self.layers = nn.ModuleList(layers)
+        self.defers_outputs = False  # set by MSDNet: whether LazyBlock computes some outputs after the exit
 
     def inference_form(self) -> nn.Module:
         """What ``optimize_for_inference`` puts in this layer's place after ``fuse_conv_bn``: a
-        ``SharedBottleneckLayer`` when every bottleneck is a folded 1x1 conv + ReLU; otherwise (no bottlenecks, or a
-        BatchNorm that could not be folded) this layer itself."""
+        ``SharedBottleneckLayer`` when every bottleneck is a folded 1x1 conv + ReLU; otherwise (no bottlenecks, a
+        BatchNorm that could not be folded, or outputs that ``LazyBlock`` computes after the exit, which a shared
+        bottleneck would compute before it) this layer itself."""
         nets = [conv.net for layer in self.layers for conv in (getattr(layer, 'conv_down', None), layer.conv_normal)
                 if conv is not None]
-        return SharedBottleneckLayer(self) if all(_is_folded_bottleneck(net) for net in nets) else self
+        if self.defers_outputs or not all(_is_folded_bottleneck(net) for net in nets):
+            return self
+        return SharedBottleneckLayer(self)
 
     def forward(self, scales: List[torch.Tensor]) -> List[torch.Tensor]:
         out = []
@@ -301,6 +305,99 @@ class ExitHead(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         self.linear = classifier_layer(self.hidden_size, num_classes)
+
+
+class LazyBlock:
+    """How ``MSDNet.forward_stage`` runs one block lazily: before the block's exit, only the work that exit needs;
+    the rest when the next stage starts.
+
+    An exit reads the coarsest scale of its block's last layer. That output reads two scales of the layer before
+    (its own and the next finer one), which read three of the layer before that, and so on: the finer-scale outputs
+    of a block's last layers feed only later blocks. The authors compute every scale of a block before its exit;
+    here those outputs wait for the next stage, so a sample that leaves at the exit never pays for them, and the
+    last block's are never computed. The outputs are the same, and so is the work for a sample that runs on.
+
+    Scales are numbered from 0 (the finest) to ``num_scales - 1``. A ``MultiScaleDenseLayer``'s output at scale
+    ``s`` reads scales ``s - 1`` and ``s`` of its input (``s`` alone at the finest scale it keeps), a
+    ``ScaleTransition``'s reads scale ``s``; the stem and a ``SharedBottleneckLayer`` (``optimize_for_inference``)
+    run whole. The state after the block (``frontier``) holds the latest map of every scale that the deferred work
+    reads, and the coarsest scale last: the map the exit reads.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], num_scales: int):
+        self.modules = tuple(modules)
+        self.num_scales = num_scales
+        self.scales = [self.module_scales(m, num_scales) for m in self.modules]  # per module: (inputs, outputs)
+        needed = {num_scales - 1}  # the scales of the current module's output that the rest of the block reads
+        self.before_exit: List[Optional[List[int]]] = []  # per module: scales computed before the exit (None: all)
+        self.after_exit: List[List[int]] = []  # per module: scales computed when the next stage starts
+        for module, (inputs, outputs) in zip(reversed(self.modules), reversed(self.scales)):
+            if isinstance(module, (MultiScaleDenseLayer, ScaleTransition)):
+                self.before_exit.insert(0, sorted(needed))
+                self.after_exit.insert(0, sorted(set(outputs) - needed))
+                needed = {r for s in needed for r in self._reads(module, s)}
+            else:
+                self.before_exit.insert(0, None)
+                self.after_exit.insert(0, [])
+                needed = set(inputs)
+        self.outputs = self.scales[-1][1]
+        produced, frontier = set(), set()
+        for module, later in zip(self.modules, self.after_exit):
+            frontier |= {r for s in later for r in self._reads(module, s)} - produced
+            produced |= set(later)
+        self.frontier = sorted(frontier | (set(self.outputs) - produced))
+        self.defers = any(self.after_exit)
+
+    @staticmethod
+    def module_scales(module: nn.Module, num_scales: int):
+        """(input scales, output scales) of a block module; the stem's input (the image) has none. ``TypeError`` for
+        a module of another kind."""
+        if isinstance(module, MultiScaleStem):
+            return [], list(range(num_scales))
+        if isinstance(module, ScaleTransition):
+            scales = list(range(num_scales - len(module.m), num_scales))
+            return scales, scales
+        if isinstance(module, (MultiScaleDenseLayer, SharedBottleneckLayer)):
+            kept = len(module.layers) if isinstance(module, MultiScaleDenseLayer) else len(module.branch_convs)
+            return (list(range(num_scales - kept - module.discard, num_scales)),
+                    list(range(num_scales - kept, num_scales)))
+        raise TypeError(f'{type(module).__name__} is not an MSDNet block module')
+
+    def _reads(self, module: nn.Module, scale: int) -> List[int]:
+        if isinstance(module, MultiScaleDenseLayer):
+            layer = module.layers[scale - (self.num_scales - len(module.layers))]
+            return [scale - 1, scale] if isinstance(layer, TwoScaleDenseLayer) else [scale]
+        return [scale]
+
+    def _compute(self, module: nn.Module, scale: int, maps: Dict[int, Any]):
+        """``module``'s output at ``scale``, from its input ``maps`` (by scale)."""
+        if isinstance(module, ScaleTransition):
+            return module.m[scale - (self.num_scales - len(module.m))](feature_map(maps[scale]))
+        layer = module.layers[scale - (self.num_scales - len(module.layers))]
+        if isinstance(layer, TwoScaleDenseLayer):
+            return layer(maps[scale - 1], maps[scale])
+        return layer(maps[scale])
+
+    def run(self, state) -> List[Any]:
+        """The block up to its exit, from the previous block's output maps (the image for the first block): the
+        frontier maps."""
+        maps: Dict[int, Any] = {}
+        if isinstance(state, (list, tuple)):
+            maps.update(zip(range(self.num_scales - len(state), self.num_scales), state))
+        for module, (inputs, outputs), scales in zip(self.modules, self.scales, self.before_exit):
+            if scales is None:
+                maps.update(zip(outputs, module([maps[s] for s in inputs] if inputs else state)))
+            else:
+                maps.update({s: self._compute(module, s, maps) for s in scales})
+        return [maps[s] for s in self.frontier]
+
+    def complete(self, state: Sequence[Any]) -> List[Any]:
+        """The block's output maps (every scale, as the authors' block returns them) from ``run``'s frontier."""
+        maps = dict(zip(self.frontier, state))
+        for module, scales in zip(self.modules, self.after_exit):
+            if scales:
+                maps.update({s: self._compute(module, s, maps) for s in scales})
+        return [maps[s] for s in self.outputs]
 
 
 def _set_final_widths(blocks: nn.ModuleList, num_scales: int) -> None:
@@ -424,12 +521,42 @@ class MSDNet(MultiExitNetwork):
         self.head_hidden_size = heads[-1].hidden_size
         self.blocks = nn.ModuleList(blocks)
         _set_final_widths(self.blocks, self.num_scales)
+        for block in self.blocks:
+            lazy = LazyBlock(tuple(block), self.num_scales)
+            for module, later in zip(lazy.modules, lazy.after_exit):
+                if isinstance(module, MultiScaleDenseLayer):
+                    module.defers_outputs = bool(later)
         self.classifier = nn.ModuleList(heads)
+        self._lazy_blocks: Dict[int, Tuple[tuple, Optional[LazyBlock]]] = {}  # block modules and their plan
         if msdnet_init == 'intended':
             init_he_fan_out(self)
 
     def forward_stage(self, k: int, state):
-        return self.blocks[k](state)
+        """Block ``k`` up to its exit (``LazyBlock``), after the work block ``k - 1`` left for later. A block with
+        a hook on it or on one of its modules, or with a module ``LazyBlock`` does not know, runs whole, as the
+        authors run it; so does ``model.blocks[k](state)``. Hooks on every module (``FlopCounterMode``'s) see the
+        layers run lazily."""
+        if k > 0:
+            previous = self._lazy_block(k - 1)
+            if previous is not None:
+                state = previous.complete(state)
+        block = self._lazy_block(k)
+        return self.blocks[k](state) if block is None else block.run(state)
+
+    def _lazy_block(self, k: int) -> Optional[LazyBlock]:
+        """Block ``k``'s ``LazyBlock``, None where it runs whole; planned once per set of block modules."""
+        block = self.blocks[k]
+        modules = tuple(block)
+        if has_call_hooks((block, *modules), include_global=False):
+            return None
+        planned_for, plan = self._lazy_blocks.get(k, (None, None))
+        if planned_for != modules:
+            try:
+                plan = LazyBlock(modules, self.num_scales)
+            except TypeError:  # a module LazyBlock does not know
+                plan = None
+            self._lazy_blocks[k] = modules, plan
+        return plan if plan is not None and plan.defers else None
 
     def exit_input(self, k: int, state) -> torch.Tensor:
         return feature_map(state[-1])  # the coarsest scale
