@@ -227,7 +227,7 @@ def _answer(answers, flagged: List[int], rows: Optional[torch.Tensor], predictio
     maxima = logits.amax(1).tolist()
     if rows is None:
         flagged += [i for i, m in enumerate(maxima) if not math.isfinite(m)]
-        predictions = torch.empty(len(maxima), dtype=torch.long, device=device).copy_(prediction)
+        predictions = prediction.to(device=device, dtype=torch.long)  # no copy when it is one already
         return predictions, torch.full((len(maxima),), k, dtype=torch.long, device=device)
     predictions, exits = answers
     predictions[rows], exits[rows] = prediction, k
