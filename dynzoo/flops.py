@@ -135,7 +135,7 @@ def per_exit_macs(model: MultiExitNetwork, input_size: Optional[Sequence[int]] =
       * ``'cascade'``: stages 1..k plus heads 1..k as ``forward_stage`` runs them, the cost of a sample tried at
         every earlier exit (MSDNet's stages are lazy, ``dynzoo.models.msdnet.LazyBlock``, so for its registered
         configurations this equals ``'lazy'``; the authors' whole blocks cost more, ``convention='authors'``);
-      * ``'standalone'``: stages 1..k plus head k only;
+      * ``'standalone'``: stages 1..k (as ``forward_stage`` runs them) plus head k only;
       * ``'lazy'``: heads 1..k and only the stage work those heads need (work that only later exits use, such as
         MSDNet's finer scales in its last layers, is left out).
     convention:
@@ -143,13 +143,15 @@ def per_exit_macs(model: MultiExitNetwork, input_size: Optional[Sequence[int]] =
       * ``'authors'``: the original authors' own counter, reproduced to the unit, as the model's family names it
         (``dynzoo.families``; MSDNet: ``msdnet_op_counter``, which also counts ReLU and pooling and which the paper
         calls FLOPs; cumulative with earlier heads); ``scope`` is ignored.
-    Counted once per model, input size, scope and convention, then taken from the cache (module docstring).
+    Counted once per model, input size, scope, convention and ``model.cost_key()`` (MSDNet: a hook on a block makes it
+    run whole), then taken from the cache (module docstring).
     """
     if convention not in ('fvcore', 'authors'):
         raise ValueError(f"convention must be 'fvcore' or 'authors', got {convention!r}")
     if convention == 'fvcore' and scope not in SCOPES:
         raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
-    key = (convention, scope if convention == 'fvcore' else None, _input_size(model, input_size))
+    key = (convention, scope if convention == 'fvcore' else None, _input_size(model, input_size),
+           model.cost_key() if isinstance(model, MultiExitNetwork) else None)
     entry = _CACHE.get(model)
     if entry is None or key not in entry['counts']:
         x = _example_input(model, input_size)

@@ -9,9 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynzoo
-from dynzoo.flops import clear_macs_cache
 from dynzoo.models import CheckpointMismatchError, MSDNet
-from dynzoo.models.msdnet import GROW_IN_PLACE_MIN_BATCH
+from dynzoo.models.msdnet import GROW_IN_PLACE_MIN_BATCH, DeferredScales
 from parity import deterministic_state_dict, load_keys, load_manifest, load_outputs
 
 MANIFEST = load_manifest('msdnet')
@@ -76,15 +75,14 @@ def test_outputs_match_authors_code(fixture_id):
 
 @contextlib.contextmanager
 def _whole_blocks(model):
-    """The authors' schedule: a hook on every block makes forward_stage run it whole (no LazyBlock)."""
+    """The authors' schedule: a hook on every block makes forward_stage run it whole (no LazyBlock), and the cached
+    costs follow (MSDNet.cost_key)."""
     handles = [block.register_forward_hook(lambda *args: None) for block in model.blocks]
-    clear_macs_cache(model)
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-        clear_macs_cache(model)
 
 
 @pytest.mark.parametrize('fixture_id', sorted(MANIFEST))
@@ -155,6 +153,69 @@ def test_lazy_blocks_skip_work_and_keep_outputs(name, optimized, batch):
     assert counter.get_total_flops() // 2 == lazy_macs[0] == dynzoo.per_exit_macs(model)[0]
     with _whole_blocks(model):
         assert dynzoo.per_exit_macs(model)[0] > lazy_macs[0]
+
+
+def _whole_block_logits(model, x):
+    state, logits = x, []
+    for block, head in zip(model.blocks, model.classifier):
+        state = block(state)
+        logits.append(head(model.exit_input(0, state)))
+    return logits
+
+
+@pytest.mark.parametrize('change', ['add', 'remove'])
+def test_hook_changed_between_stages(change):
+    """A stage state says whether its block still has work to finish (DeferredScales), so a hook added or removed
+    between two exits changes nothing but the next block's schedule."""
+    model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    handle = model.blocks[0].register_forward_hook(lambda *args: None) if change == 'remove' else None
+    with torch.no_grad():
+        expected = _whole_block_logits(model, x)
+        exits = model.iter_exits(x)
+        got = [next(exits)]
+        if handle is None:
+            handle = model.blocks[0].register_forward_hook(lambda *args: None)
+            model.blocks[1][0].register_forward_hook(lambda *args: None)
+        else:
+            handle.remove()
+        got += list(exits)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_stages_take_whole_blocks_and_wrapped_blocks_run_whole():
+    model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, state):
+            return self.block(state)
+
+    with torch.no_grad():
+        expected = _whole_block_logits(model, x)
+        state = model.forward_stage(1, model.blocks[0](x))  # a whole block's output needs no finishing
+        assert torch.equal(model.forward_exit(1, state), expected[1])
+        with pytest.raises(ValueError, match='did not come from forward_stage'):
+            model.forward_stage(1, DeferredScales(model.forward_stage(0, x)[1:]))
+        model.blocks[2] = Wrapper(model.blocks[2])
+        assert all(torch.equal(a, b) for a, b in zip(model(x), expected))
+        assert not model.cost_key()[2]
+
+
+def test_early_exit_charges_what_runs():
+    """Hooks on the blocks make them run whole; the costs early_exit charges follow without clearing any cache."""
+    model = dynzoo.create_model('msdnet_cifar_b7', num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    everyone_at_exit_1 = [0.0] * 7
+    lazy = dynzoo.early_exit(model, x, thresholds=everyone_at_exit_1).macs
+    with _whole_blocks(model):
+        whole = dynzoo.early_exit(model, x, thresholds=everyone_at_exit_1).macs
+    assert whole == 2 * 14955776 and lazy == 2 * 13244672  # exit 1's whole-block and lazy MACs, 10 classes
+    assert dynzoo.early_exit(model, x, thresholds=everyone_at_exit_1).macs == lazy
 
 
 def test_hooked_block_runs_whole():

@@ -137,6 +137,11 @@ class MultiExitNetwork(nn.Module):
     def valid_input_size(self, height: int, width: int) -> bool:
         return (height, width) == tuple(self.default_input_size[1:])
 
+    def cost_key(self):
+        """A hashable that changes when the work of ``forward_stage`` changes while the modules stay the same (MSDNet:
+        which blocks run lazily); part of the key under which ``dynzoo.per_exit_macs`` caches the costs."""
+        return None
+
     def check_input(self, x: torch.Tensor) -> None:
         """Raise an error that states the expected input unless ``x`` is a batch the network can take: a
         ``TypeError`` for a non-tensor or another dtype than the model's (``check_input_tensor``), a ``ValueError``

@@ -10,6 +10,8 @@ differs:
 
 * ``forward`` returns the list of exit logits like the authors' code, and ``iter_exits`` computes them one block at a
   time so that samples can leave early for real (the authors only simulate early exit);
+* blocks run lazily (``LazyBlock``): the finer scales of a block's last layers, which only later exits read, are
+  computed when the next stage starts, so a sample that leaves never pays for them (same outputs);
 * ``num_classes`` is an argument (the authors derive it from the dataset name);
 * initialisation is the one the authors intended (He-normal convs, BN weight 1 / bias 0, zero Linear bias). Their
   PyTorch ``_init_weights`` loop only visits the top-level containers, so it never reaches a Conv/BN/Linear and their
@@ -307,6 +309,12 @@ class ExitHead(nn.Module):
         self.linear = classifier_layer(self.hidden_size, num_classes)
 
 
+class DeferredScales(list):
+    """The state after a block that ``LazyBlock`` ran up to its exit: its frontier maps. The next stage finishes the
+    block first; a plain list (a block run whole) needs no finishing. Being a list, it passes through
+    ``compact_batch`` and ``dynzoo.export`` as the other states do."""
+
+
 class LazyBlock:
     """How ``MSDNet.forward_stage`` runs one block lazily: before the block's exit, only the work that exit needs;
     the rest when the next stage starts.
@@ -378,7 +386,7 @@ class LazyBlock:
             return layer(maps[scale - 1], maps[scale])
         return layer(maps[scale])
 
-    def run(self, state) -> List[Any]:
+    def run(self, state) -> DeferredScales:
         """The block up to its exit, from the previous block's output maps (the image for the first block): the
         frontier maps."""
         maps: Dict[int, Any] = {}
@@ -389,7 +397,7 @@ class LazyBlock:
                 maps.update(zip(outputs, module([maps[s] for s in inputs] if inputs else state)))
             else:
                 maps.update({s: self._compute(module, s, maps) for s in scales})
-        return [maps[s] for s in self.frontier]
+        return DeferredScales(maps[s] for s in self.frontier)
 
     def complete(self, state: Sequence[Any]) -> List[Any]:
         """The block's output maps (every scale, as the authors' block returns them) from ``run``'s frontier."""
@@ -532,20 +540,29 @@ class MSDNet(MultiExitNetwork):
             init_he_fan_out(self)
 
     def forward_stage(self, k: int, state):
-        """Block ``k`` up to its exit (``LazyBlock``), after the work block ``k - 1`` left for later. A block with
-        a hook on it or on one of its modules, or with a module ``LazyBlock`` does not know, runs whole, as the
-        authors run it; so does ``model.blocks[k](state)``. Hooks on every module (``FlopCounterMode``'s) see the
-        layers run lazily."""
-        if k > 0:
-            previous = self._lazy_block(k - 1)
-            if previous is not None:
-                state = previous.complete(state)
+        """Block ``k`` up to its exit (``LazyBlock``), after finishing the block before when its state is
+        ``DeferredScales``. A block with a hook on it or on one of its modules, or one that is not an
+        ``nn.Sequential`` of the modules ``LazyBlock`` knows, runs whole, as the authors run it; so does
+        ``model.blocks[k](state)``. Hooks deeper in a block fire when their module runs: for the finer scales of its
+        last layers, in the next stage."""
+        if isinstance(state, DeferredScales):
+            state = self._finish_block(k - 1, state)
         block = self._lazy_block(k)
         return self.blocks[k](state) if block is None else block.run(state)
+
+    def _finish_block(self, k: int, state: DeferredScales) -> List[Any]:
+        """Block ``k``'s output from its ``DeferredScales``, with the plan that made them."""
+        planned = self._lazy_blocks.get(k, (None, None))[1]
+        if planned is None or len(planned.frontier) != len(state):
+            raise ValueError(f'this state did not come from forward_stage({k}, ...) of this model: pass stage '
+                             f'{k}\'s output, or the output of model.blocks[{k}] (a whole block)')
+        return planned.complete(state)
 
     def _lazy_block(self, k: int) -> Optional[LazyBlock]:
         """Block ``k``'s ``LazyBlock``, None where it runs whole; planned once per set of block modules."""
         block = self.blocks[k]
+        if type(block) is not nn.Sequential:  # a wrapper (torch.compile's, a user's) runs whole
+            return None
         modules = tuple(block)
         if has_call_hooks((block, *modules), include_global=False):
             return None
@@ -557,6 +574,11 @@ class MSDNet(MultiExitNetwork):
                 plan = None
             self._lazy_blocks[k] = modules, plan
         return plan if plan is not None and plan.defers else None
+
+    def cost_key(self) -> Tuple[bool, ...]:
+        """Which blocks run lazily now (a hook makes a block run whole, and cost more): part of the key under
+        which ``dynzoo.per_exit_macs`` caches the costs."""
+        return tuple(self._lazy_block(k) is not None for k in range(len(self.blocks)))
 
     def exit_input(self, k: int, state) -> torch.Tensor:
         return feature_map(state[-1])  # the coarsest scale
