@@ -547,8 +547,9 @@ class MSDNet(MultiExitNetwork):
         last layers, in the next stage."""
         if isinstance(state, DeferredScales):
             state = self._finish_block(k - 1, state)
-        block = self._lazy_block(k)
-        return self.blocks[k](state) if block is None else block.run(state)
+        block = self.blocks[k]
+        lazy = self._lazy_block(k, block)
+        return block(state) if lazy is None else lazy.run(state)
 
     def _finish_block(self, k: int, state: DeferredScales) -> List[Any]:
         """Block ``k``'s output from its ``DeferredScales``, with the plan that made them."""
@@ -558,12 +559,12 @@ class MSDNet(MultiExitNetwork):
                              f'{k}\'s output, or the output of model.blocks[{k}] (a whole block)')
         return planned.complete(state)
 
-    def _lazy_block(self, k: int) -> Optional[LazyBlock]:
-        """Block ``k``'s ``LazyBlock``, None where it runs whole; planned once per set of block modules."""
-        block = self.blocks[k]
+    def _lazy_block(self, k: int, block: nn.Module) -> Optional[LazyBlock]:
+        """The ``LazyBlock`` of ``block`` (``self.blocks[k]``), None where it runs whole; planned once per set of
+        block modules."""
         if type(block) is not nn.Sequential:  # a wrapper (torch.compile's, a user's) runs whole
             return None
-        modules = tuple(block)
+        modules = tuple(block._modules.values())
         if has_call_hooks((block, *modules), include_global=False):
             return None
         planned_for, plan = self._lazy_blocks.get(k, (None, None))
@@ -578,7 +579,7 @@ class MSDNet(MultiExitNetwork):
     def cost_key(self) -> Tuple[bool, ...]:
         """Which blocks run lazily now (a hook makes a block run whole, and cost more): part of the key under
         which ``dynzoo.per_exit_macs`` caches the costs."""
-        return tuple(self._lazy_block(k) is not None for k in range(len(self.blocks)))
+        return tuple(self._lazy_block(k, block) is not None for k, block in enumerate(self.blocks))
 
     def exit_input(self, k: int, state) -> torch.Tensor:
         return feature_map(state[-1])  # the coarsest scale
