@@ -150,17 +150,31 @@ def per_exit_macs(model: MultiExitNetwork, input_size: Optional[Sequence[int]] =
         raise ValueError(f"convention must be 'fvcore' or 'authors', got {convention!r}")
     if convention == 'fvcore' and scope not in SCOPES:
         raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
-    key = (convention, scope if convention == 'fvcore' else None, _input_size(model, input_size),
-           model.cost_key() if isinstance(model, MultiExitNetwork) else None)
-    entry = _CACHE.get(model)
-    if entry is None or key not in entry['counts']:
+    key = _cache_key(model, input_size, scope, convention)
+    counts = _cached_per_exit_macs(model, input_size, scope, convention, key)
+    if counts is None:
         x = _example_input(model, input_size)
         if isinstance(model, MultiExitNetwork):
             model.check_input(x)
         counts = _count_per_exit(model, x, scope, convention)
         entry = _CACHE.setdefault(model, dict(modules=frozenset(id(m) for m in model.modules()), counts={}))
         entry['counts'][key] = counts
-    return list(entry['counts'][key])
+    return list(counts)
+
+
+def _cache_key(model: nn.Module, input_size: Optional[Sequence[int]], scope: str, convention: str) -> tuple:
+    return (convention, scope if convention == 'fvcore' else None, _input_size(model, input_size),
+            model.cost_key() if isinstance(model, MultiExitNetwork) else None)
+
+
+def _cached_per_exit_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None, scope: str = 'cascade',
+                         convention: str = 'fvcore', key: Optional[tuple] = None) -> Optional[List[int]]:
+    """``per_exit_macs`` when it has counted them for the model as it is now, else None (counts nothing)."""
+    entry = _CACHE.get(model)
+    if entry is None:
+        return None
+    counts = entry['counts'].get(_cache_key(model, input_size, scope, convention) if key is None else key)
+    return None if counts is None else list(counts)
 
 
 def _authors_counter(model: nn.Module):

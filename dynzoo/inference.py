@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .flops import MacsRow, _deprecated, per_exit_macs
+from .flops import MacsRow, _deprecated, _cached_per_exit_macs, per_exit_macs
 from .models import MultiExitNetwork
 
 __all__ = [
@@ -425,8 +425,10 @@ def early_exit(model, x: torch.Tensor, thresholds: Union[Sequence[float], ExitRu
     rule = _as_rule(thresholds, fallback, strict)
     if macs is not None:
         macs = _check_macs(macs, model.num_exits)
+    elif isinstance(x, torch.Tensor):  # looked up before the stages run, which evict the lookup from the CPU caches
+        macs = _cached_per_exit_macs(model, input_size=tuple(x.shape[1:]))
     # run_exit_rule checks the rule and iter_exits the input, each once, before any work: the input is known to
-    # fit the model before its costs are looked up (or, on the first call for this size, counted).
+    # fit the model before its costs are counted (on the first call for a model and size).
     result = run_exit_rule(rule, model.iter_exits(x), model.num_exits)
     if macs is None:
         macs = per_exit_macs(model, input_size=tuple(x.shape[1:]), scope='cascade')
