@@ -12,8 +12,10 @@ touches every variant alike):
   CIFAR-10 sample (CIFAR models) or random images, next to the MACs it spent.
 
 Tables give the median and 95th-percentile latency, each exit's share of the full forward's MACs (fvcore cascade:
-stages and heads 1..k) and its share of the full forward's median time; at a threshold, where images leave at
-different exits, the mean time over the mean time of the full forward, next to the mean MACs share. Weights: shipped
+stages and heads 1..k) and its share of the full forward's time; at a threshold, where images leave at different
+exits, the mean time over the mean time of the full forward, next to the mean MACs share. Time shares and the
+early-exit overhead are medians of each round's ratio (``paired_ratio``): a change in the machine's speed during the
+run touches both sides alike. Weights: shipped
 ones for the ``.c10`` models, random for the others (timings hold, exits at a threshold do not). ``--clock cpu``
 times with the process's CPU time, which time slices lost to other processes do not inflate (one thread).
 
@@ -163,8 +165,12 @@ def ms(seconds) -> str:
     return f'{np.median(seconds) * 1e3:.2f} / {np.percentile(seconds, 95) * 1e3:.2f}'
 
 
+def paired_ratio(numerator, denominator) -> float:
+    """Median over rounds of one round's ratio: a change in the machine's speed during the run touches both."""
+    return float(np.median(np.asarray(numerator) / np.asarray(denominator)))
+
+
 def report(spec, model, input_size, macs, times, exits, ort: bool):
-    full = np.median(times['full'])
     print(f'\n### {spec} ({"x".join(map(str, input_size))}, {macs[-1] / 1e6:.1f} MMACs)\n')
     print(f'full forward `model(x)`: {ms(times["full"])} ms (median / p95)\n')
     header = ('| exit | MACs share | `iter_exits` to exit (ms) | time share | time / MACs share | `early_exit` (ms) | '
@@ -176,9 +182,11 @@ def report(spec, model, input_size, macs, times, exits, ort: bool):
     print(header)
     print(rule)
     for k in range(model.num_exits):
-        share, iter_k, early_k = macs[k] / macs[-1], np.median(times[('iter', k)]), np.median(times[('early', k)])
-        row = (f'| {k + 1} | {share:.3f} | {ms(times[("iter", k)])} | {iter_k / full:.3f} | '
-               f'{iter_k / full / share:.2f} | {ms(times[("early", k)])} | {early_k / iter_k:.3f} |')
+        share = macs[k] / macs[-1]
+        time_share = paired_ratio(times[('iter', k)], times['full'])
+        row = (f'| {k + 1} | {share:.3f} | {ms(times[("iter", k)])} | {time_share:.3f} | '
+               f'{time_share / share:.2f} | {ms(times[("early", k)])} | '
+               f'{paired_ratio(times[("early", k)], times[("iter", k)]):.3f} |')
         if ort:
             row += f' {ms(times[("ort iter", k)])} | {ms(times[("ort early", k)])} |'
         print(row)
