@@ -136,9 +136,18 @@ def check_labels(labels, num_samples: int, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_logits(model, loader, progress: bool = False) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """Logits of every exit for every sample of ``loader`` (model in eval mode): ([N x C per exit], labels). Labels
-    that are not class indices of the model raise a ``ValueError`` (``check_labels``)."""
+    """Logits of every exit for every sample of ``loader``, the model in eval mode (its mode is restored after):
+    ([N x C per exit], labels). Labels that are not class indices of the model raise a ``ValueError``
+    (``check_labels``)."""
+    was_training = model.training
     model.eval()
+    try:
+        return _collect_logits(model, loader, progress)
+    finally:
+        model.train(was_training)
+
+
+def _collect_logits(model, loader, progress: bool) -> Tuple[List[torch.Tensor], torch.Tensor]:
     device = next(model.parameters()).device
     per_exit, labels = None, []
     for images, targets in tqdm(loader, desc='logits', disable=not progress, leave=False):
@@ -182,9 +191,8 @@ def measure_early_exit(model, loader, rule: ExitRule, progress: bool = False) ->
     image and their ratio to the full network's, the fraction of images leaving at each exit, the seconds spent in
     the early-exit calls, and the rule's thresholds. With ``fallback='ensemble'`` the fractions have one more entry:
     the images no exit took, answered by the ensemble."""
-    macs = per_exit_macs(model, scope='cascade')
     device = next(model.parameters()).device
-    correct, spent, seen, elapsed = 0, 0.0, 0, 0.0
+    correct, spent, full, seen, elapsed = 0, 0.0, 0.0, 0, 0.0
     num_outcomes = model.num_exits + (rule.fallback == 'ensemble')
     exit_counts = torch.zeros(num_outcomes, dtype=torch.long)
     for images, labels in tqdm(loader, desc='early exit', leave=False, disable=not progress):
@@ -194,10 +202,11 @@ def measure_early_exit(model, loader, rule: ExitRule, progress: bool = False) ->
         elapsed += time.perf_counter() - start
         correct += (result.predictions.cpu() == labels).sum().item()
         spent, seen = spent + result.macs, seen + len(labels)
+        full += len(labels) * per_exit_macs(model, tuple(images.shape[1:]), scope='cascade')[-1]
         exit_counts += torch.bincount(result.exits.cpu(), minlength=num_outcomes)
     if seen == 0:
         raise ValueError('the loader yielded no batches')
-    return dict(accuracy=correct / seen, mean_macs=spent / seen, macs_ratio=spent / seen / macs[-1],
+    return dict(accuracy=correct / seen, mean_macs=spent / seen, macs_ratio=spent / full,
                 exit_fractions=(exit_counts.double() / seen).tolist(), seconds=elapsed,
                 thresholds=list(rule.thresholds))
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ._moved import moved_attribute
 from .flops import per_exit_macs
-from .inference import ExitRule, run_exit_rule
+from .inference import ALWAYS, NEVER, ExitRule, run_exit_rule
 from .models._exits import GrowingMap, MultiExitNetwork, flatten_tensors
 
 __all__ = ['FORMATS', 'MANIFEST', 'export_stages', 'OnnxEarlyExit', 'OnnxEarlyExitResult']
@@ -94,11 +94,10 @@ def _unflatten(structure, tensors):
 def _check_thresholds(thresholds: Optional[Sequence[float]], num_exits: int) -> Optional[List[float]]:
     if thresholds is None:
         return None
-    thresholds = [float(t) for t in thresholds]
-    if len(thresholds) not in (num_exits - 1, num_exits):
-        raise ValueError(f'expected {num_exits} thresholds (or {num_exits - 1}: the last exit takes every remaining '
-                         f'sample), got {len(thresholds)}')
-    return thresholds
+    rule = ExitRule(thresholds)  # the checks of dynzoo.early_exit: one per exit (or one fewer), no NaN
+    rule.check(num_exits)
+    # An infinity would make the manifest invalid JSON; on a probability, +-1e8 decides the same.
+    return [min(max(t, ALWAYS), NEVER) for t in rule.thresholds]
 
 
 def _prepare_folder(folder: Path, force: bool) -> None:
@@ -220,7 +219,7 @@ def export_stages(model: MultiExitNetwork, folder: Union[str, Path], format: str
     )
     if thresholds is not None:
         manifest['thresholds'] = thresholds
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + '\n')
     return manifest
 
 

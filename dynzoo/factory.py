@@ -54,8 +54,9 @@ def create_model(
 ):
     """Build a dynzoo model by name, as ``timm.create_model`` does (``arch`` or ``arch.tag`` or ``hf-hub:org/repo``).
 
-    ``pretrained_cfg_overlay=dict(file=PATH)`` (or ``state_dict=...``) loads a checkpoint of yours, including the
-    authors' own files and dynzoo's trainer's ``last.pth``. Otherwise ``pretrained=True`` looks in the offline
+    ``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)`` (or ``state_dict=...``) loads a checkpoint of yours,
+    including the authors' own files and dynzoo's trainer's ``last.pth`` (without ``pretrained=True`` a warning says
+    it is not loaded, where timm is silent). Otherwise ``pretrained=True`` looks in the offline
     mirror (``$DYNZOO_HUB_MIRROR``, then the weights shipped in ``dynzoo/weights/``), then the Hugging Face Hub
     (through timm and huggingface_hub's cache), then the weights' URL (downloaded to torch.hub's cache); see
     ``dynzoo.pretrained``. A bare architecture name loads its default (best released) weights.

@@ -72,7 +72,12 @@ class EarlyExitResult:
         return self.mean_macs
 
     def exit_fractions(self, num_outcomes: int) -> List[float]:
-        counts = torch.bincount(self.exits, minlength=num_outcomes)[:num_outcomes]
+        """The share of samples that each of ``num_outcomes`` outcomes answered: the model's exits, plus one for the
+        ensemble with ``fallback='ensemble'``."""
+        counts = torch.bincount(self.exits, minlength=num_outcomes)
+        if len(counts) > num_outcomes:
+            raise ValueError(f'exit {len(counts) - 1} answered some samples, so there are more than {num_outcomes} '
+                             'outcomes: pass the model\'s num_exits (plus one with fallback=\'ensemble\')')
         return (counts.double() / max(1, self.num_samples)).tolist()
 
     def accuracy(self, labels: torch.Tensor) -> float:
@@ -139,6 +144,17 @@ def max_probability(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.softmax(logits.float(), dim=1).max(dim=1)
 
 
+def _threshold_list(thresholds) -> List[float]:
+    """``thresholds`` as a list of floats, or a ``TypeError`` for a scalar or anything but one number per exit."""
+    try:
+        if isinstance(thresholds, (str, bytes)):
+            raise TypeError
+        return [float(t) for t in thresholds]
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f'thresholds must be a sequence with one number per exit (or one fewer: the last exit takes '
+                        f'every remaining sample), e.g. [0.9] * (model.num_exits - 1); got {thresholds!r}') from None
+
+
 class ExitRule:
     """Which samples leave at exit k, and with which class: the one exit rule of dynzoo's simulated and real early
     exit, budgeted evaluation and ``scan_predict``.
@@ -159,7 +175,7 @@ class ExitRule:
     def __init__(self, thresholds: Sequence[float], fallback: str = 'last', strict: bool = False):
         if fallback not in ('last', 'ensemble'):
             raise ValueError(f"fallback must be 'last' or 'ensemble', got {fallback!r}")
-        self.thresholds = [float(t) for t in thresholds]
+        self.thresholds = _threshold_list(thresholds)
         self.fallback, self.strict = fallback, strict
 
     def __repr__(self) -> str:
@@ -193,7 +209,7 @@ class ExitRule:
     def with_thresholds(self, thresholds: Sequence[float]) -> 'ExitRule':
         """The same rule with other thresholds."""
         rule = copy.copy(self)
-        rule.thresholds = [float(t) for t in thresholds]
+        rule.thresholds = _threshold_list(thresholds)
         return rule
 
     def fit(self, logits, fractions: Sequence[float]) -> 'ExitRule':
@@ -330,6 +346,9 @@ def fit_thresholds(logits, fractions: Sequence[float], policy: Optional[ExitRule
     """
     logits = _as_logit_list(logits)
     num_exits, num_samples = len(logits), logits[0].shape[0]
+    if any(torch.isnan(l).any() for l in logits):
+        raise ValueError('fit_thresholds needs held-out logits without NaN (a NaN score sorts arbitrarily and shifts '
+                         'every threshold after it): check the model and the data they came from')
     if len(fractions) != num_exits:
         raise ValueError(f'need one target fraction per exit ({num_exits}), got {len(fractions)}')
     fractions = np.asarray(fractions, dtype=np.float64)
@@ -392,18 +411,26 @@ def _check_macs(macs: Sequence[float], num_exits: int) -> List[float]:
     macs = [float(m) for m in macs]
     if len(macs) != num_exits:
         raise ValueError(f'need one cascade MACs value per exit ({num_exits}), got {len(macs)}')
+    if not all(math.isfinite(m) and m >= 0 for m in macs):
+        raise ValueError(f'macs must be finite non-negative costs, got {macs}')
     if any(b < a for a, b in zip(macs, macs[1:])):
         raise ValueError(f'macs must be cascade costs (non-decreasing with the exit), got {macs}')
     return macs
 
 
 def _check_early_exit_model(model) -> None:
+    if isinstance(getattr(model, '_orig_mod', None), MultiExitNetwork):
+        raise ValueError('early exit runs the model stage by stage (iter_exits), which a torch.compile wrapper does '
+                         'not expose: pass the uncompiled model (model._orig_mod)')
     if not isinstance(model, MultiExitNetwork):
         raise ValueError(f'early_exit needs a multi-exit model (MSDNet, SCAN / BYOT, *_mc); {type(model).__name__} '
                          'has one exit')
     if model.training:
         raise ValueError('early_exit needs the model in eval mode (batch statistics would change as samples leave): '
                          'call model.eval() first')
+    if model.num_classes == 0:
+        raise ValueError('early exit needs class logits, but this model has no classifiers (num_classes=0: its exits '
+                         'return pre-logit features); build it with num_classes or call model.reset_classifier(n)')
 
 
 @torch.no_grad()
@@ -413,12 +440,15 @@ def early_exit(model, x: torch.Tensor, thresholds: Union[Sequence[float], ExitRu
     """Real early exit: run the exits in order through ``model.iter_exits(x)`` and drop each sample from the batch
     as soon as it exits, so later stages run only on the samples still inside.
 
-    Same rule and arguments as ``simulate_early_exit``; predictions are identical. ``.macs`` counts the multiply-adds
+    Same rule and arguments as ``simulate_early_exit``, and the same predictions and exits as it gives on
+    ``model(x)``, up to float rounding: later stages run on fewer samples, whose kernels may round differently, so a
+    sample whose score lies within rounding (about 1e-6) of a threshold may leave one exit apart. ``.macs`` counts the multiply-adds
     actually spent: for each stage k, (samples that ran stage k) x (stage k + head k), from ``per_exit_macs(model,
     scope='cascade')`` differences: the stages as ``iter_exits`` runs them (MSDNet's lazily: work that only later
     exits use runs when the next stage starts) and the head of every exit a sample was tried at.
-    The per-exit costs are counted on the first call for a model and input size and cached (``dynzoo.flops``);
-    ``macs`` (cascade, at ``x``'s image size) overrides them. The model must be in eval mode.
+    The per-exit costs are counted on the first call for a model and input size and cached (``dynzoo.flops``): the
+    count runs the model on one image, which forward hooks see too; ``macs`` (cascade, at ``x``'s image size)
+    overrides them. The model must be in eval mode and have classifiers.
     """
     macs = _renamed(macs, flops, 'early_exit')
     _check_early_exit_model(model)
@@ -459,19 +489,23 @@ def evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, macs: Op
         raise ValueError(f'held-out logits have {num_exits} exits, test logits {len(test_logits)}')
     macs = _check_macs(macs, num_exits)
     num_classes = test_logits[0].shape[1]
+    if val_logits[0].shape[1] != num_classes:
+        raise ValueError(f'held-out logits have {val_logits[0].shape[1]} classes, test logits {num_classes}: both '
+                         'must come from the same model')
     val_labels = _check_labels(val_labels, len(val_logits[0]), val_logits[0].shape[1], 'val_labels')
     test_labels = _check_labels(test_labels, len(test_logits[0]), num_classes, 'test_labels')
     qs = [p / 20 for p in range(1, 40)] if qs is None else qs
     rows = []
     policy = ExitRule(()) if policy is None else policy
+    outcomes = num_exits + (policy.fallback == 'ensemble')
     for q in qs:
         target = geometric_fractions(q, num_exits)
         rule = policy.fit(val_logits, target)
         val_result = simulate_early_exit(val_logits, rule)
         result = simulate_early_exit(test_logits, rule, macs)
         rows.append(MacsRow(q=q, accuracy=result.accuracy(test_labels), expected_macs=result.mean_macs,
-                           exit_fractions=result.exit_fractions(num_exits), target_fractions=target,
-                           val_exit_fractions=val_result.exit_fractions(num_exits), thresholds=rule.thresholds))
+                           exit_fractions=result.exit_fractions(outcomes), target_fractions=target,
+                           val_exit_fractions=val_result.exit_fractions(outcomes), thresholds=rule.thresholds))
     return rows
 
 
@@ -501,7 +535,7 @@ def genetic_threshold_search(logits, labels, macs: Optional[Sequence[float]] = N
     num_exits = len(logits)
     macs = np.asarray(_check_macs(macs, num_exits))
     labels = _check_labels(labels, len(logits[0]), logits[0].shape[1]).cpu().numpy()
-    if budget is not None and budget <= 0:
+    if budget is not None and not budget > 0:
         raise ValueError(f'budget must be a positive number of MACs per sample, got {budget}')
     if population_size < max(num_exits, elite + 2):
         raise ValueError(f'population_size must be at least {max(num_exits, elite + 2)}, got {population_size}')

@@ -173,7 +173,8 @@ def fit_to_budget(logits, macs: Sequence[float], budget: float, policy: Optional
     on ``log q`` towards the next grid q (``steps`` halvings). The cost need not grow with q (with patience it does
     not: shares the first exits cannot take fall to the last), hence the grid. This matches a cost, it does not
     search for the most accurate thresholds at that cost (``genetic_threshold_search`` does, for max probability).
-    A budget below every grid point's cost is refused.
+    Below the grid, the point where every sample leaves at exit 1 (q = 0: the geometric shares round one sample
+    per exit short of it) is tried first; a budget below every point's cost is refused.
     """
     logits = _as_logit_list(logits)
     macs = _check_macs(macs, len(logits))
@@ -181,11 +182,15 @@ def fit_to_budget(logits, macs: Sequence[float], budget: float, policy: Optional
     if not budget > 0:
         raise ValueError(f'budget must be a positive number of MACs per sample, got {budget}')
 
+    num_exits = len(logits)
+
     def fitted(log_q: float) -> Tuple[ExitPolicy, float]:
-        rule = policy.fit(logits, geometric_fractions(math.exp(log_q), len(logits)))
+        shares = [1.0] + [0.0] * (num_exits - 1) if log_q == -math.inf else geometric_fractions(math.exp(log_q),
+                                                                                                num_exits)
+        rule = policy.fit(logits, shares)
         return rule, simulate_early_exit(logits, rule, macs).mean_macs
 
-    grid = np.linspace(math.log(q_range[0]), math.log(q_range[1]), points)
+    grid = [-math.inf, *np.linspace(math.log(q_range[0]), math.log(q_range[1]), points)]
     fits = [fitted(log_q) for log_q in grid]
     within = [i for i, (_, cost) in enumerate(fits) if cost <= budget]
     if not within:
@@ -193,7 +198,7 @@ def fit_to_budget(logits, macs: Sequence[float], budget: float, policy: Optional
                          f'these logits ({min(cost for _, cost in fits):.4g} MACs per sample)')
     i = max(within, key=lambda j: fits[j][1])
     best, best_cost = fits[i]
-    if i + 1 < points and fits[i + 1][1] > budget:
+    if 0 < i < len(grid) - 1 and fits[i + 1][1] > budget:
         low, high = grid[i], grid[i + 1]
         for _ in range(steps):
             middle = (low + high) / 2
@@ -210,7 +215,11 @@ def fit_to_budget(logits, macs: Sequence[float], budget: float, policy: Optional
 def expected_calibration_error(logits: torch.Tensor, labels, bins: int = 15) -> float:
     """ECE of one exit (Guo et al.): the sample-weighted mean, over ``bins`` equal-width bins of the max softmax
     probability, of |accuracy - mean confidence| in the bin."""
-    logits = torch.as_tensor(logits)
+    if not isinstance(logits, (list, tuple)):
+        logits = torch.as_tensor(logits)
+    if isinstance(logits, (list, tuple)) or logits.dim() != 2:
+        raise ValueError('expected_calibration_error takes one exit\'s N x C logits: for a multi-exit model, one call '
+                         'per exit, e.g. [expected_calibration_error(l, labels) for l in logits]')
     labels = _check_labels(labels, len(logits), logits.shape[1])
     confidence, prediction = max_probability(logits)
     confidence, correct = confidence.double(), (prediction == labels).double()

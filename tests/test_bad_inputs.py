@@ -288,6 +288,8 @@ import functools  # noqa: E402 (imported here: each section keeps its own import
 
 import torch  # noqa: E402
 
+import timm  # noqa: E402
+
 import dynzoo  # noqa: E402
 from dynzoo.inference import NEVER, simulate_early_exit  # noqa: E402
 
@@ -394,7 +396,63 @@ CASES += [
     Case('fit-temperatures-nan-logits', lambda: dynzoo.fit_temperatures(
         [torch.full((4, 10), float('nan'))] * 2, torch.arange(4)), raises=ValueError,
          match='fit_temperatures needs finite logits'),
+    Case('fit-thresholds-nan-logits', lambda: dynzoo.fit_thresholds(
+        [torch.full((4, 10), float('nan'))] * 3, [0.5, 0.3, 0.2]), raises=ValueError,
+         match='held-out logits without NaN'),
+    Case('early-exit-without-classifiers', lambda: dynzoo.early_exit(
+        dynzoo.create_model('scan_resnet18', num_classes=0).eval(), torch.zeros(2, 3, 32, 32), [0.9] * 3),
+         raises=ValueError, match=r'no classifiers \(num_classes=0.*reset_classifier\(n\)'),
+    Case('early-exit-torch-compile-wrapper', lambda: dynzoo.early_exit(torch.compile(_lin5()),
+                                                                       torch.zeros(2, 3, 32, 32), [0.5] * 4),
+         raises=ValueError, match=r'torch\.compile wrapper.*model\._orig_mod'),
+    Case('early-exit-scalar-threshold', lambda: dynzoo.early_exit(_lin5(), torch.zeros(2, 3, 32, 32), 0.9),
+         raises=TypeError, match=r'one number per exit.*\[0\.9\] \* \(model\.num_exits - 1\); got 0\.9'),
+    Case('iter-exits-send-duplicate-positions', lambda: _send(torch.tensor([1, 1])), raises=ValueError,
+         match=r'distinct positions in 0\.\.1.*got a position more than once'),
+    Case('iter-exits-send-position-out-of-range', lambda: _send([5]), raises=ValueError,
+         match=r'among the 2 still inside.*got positions 5\.\.5'),
+    Case('iter-exits-send-float-positions', lambda: _send(torch.tensor([0.0])), raises=ValueError,
+         match=r'boolean mask of length 2; got a tensor of shape \(1,\) and dtype torch\.float32'),
+    Case('iter-exits-send-mask-of-other-length', lambda: _send(torch.tensor([True, False, True])), raises=ValueError,
+         match='got a mask of length 3'),
+    Case('iter-exits-send-mask', lambda: _send(torch.tensor([False, True])),
+         check=lambda logits: torch.testing.assert_close(logits, _lin5()(torch.arange(2.0).view(2, 1, 1, 1).expand(
+             2, 3, 32, 32))[1][1:])),
+    Case('exit-fractions-fewer-outcomes-than-exits', lambda: simulate_early_exit(
+        _exit_logits(), [NEVER, NEVER]).exit_fractions(2), raises=ValueError, match='more than 2 outcomes'),
+    Case('macs-nan', lambda: simulate_early_exit(_exit_logits(), [0.5, 0.5], macs=[1, float('nan'), 3]),
+         raises=ValueError, match='macs must be finite non-negative costs'),
+    Case('macs-negative', lambda: simulate_early_exit(_exit_logits(), [0.5, 0.5], macs=[-3, -2, -1]),
+         raises=ValueError, match='macs must be finite non-negative costs'),
+    Case('genetic-search-nan-budget', lambda: dynzoo.inference.genetic_threshold_search(
+        _exit_logits(), torch.arange(20) % 10, [1, 2, 3], budget=float('nan'), generations=1), raises=ValueError,
+         match='budget must be a positive number of MACs per sample, got nan'),
+    Case('budgeted-classes-differ', lambda: dynzoo.evaluate_budgeted(
+        _exit_logits(), torch.arange(20) % 5, [l[:, :5] for l in _exit_logits(seed=1)], torch.arange(20) % 5,
+        [1, 2, 3], qs=[1.0]), raises=ValueError, match='held-out logits have 10 classes, test logits 5'),
+    Case('calibration-error-of-every-exit', lambda: dynzoo.policies.expected_calibration_error(
+        _exit_logits(), torch.arange(20) % 10), raises=ValueError, match="one exit's N x C logits.*one call per exit"),
+    Case('export-nan-threshold', lambda: _export('msdnet_cifar_lin5', thresholds=[0.5, float('nan'), 0.5, 0.5]),
+         raises=ValueError, match='thresholds must not be NaN'),
+    Case('overlay-file-without-pretrained', lambda: _warns_not_loaded(dynzoo.create_model)),
+    Case('overlay-file-without-pretrained-timm', lambda: _warns_not_loaded(timm.create_model)),
 ]
+
+
+def _warns_not_loaded(create_model):
+    with pytest.warns(UserWarning, match=r'scan_resnet18: pretrained_cfg_overlay names weights, but '
+                                         r'pretrained=False, so they are not loaded.*pass pretrained=True') as record:
+        model = create_model('scan_resnet18', pretrained_cfg_overlay=dict(file='/missing/weights.pth'))
+    assert record[0].filename == __file__  # the warning points at the caller's line
+    return model
+
+
+def _send(keep):
+    """Exit 2's logits after ``send(keep)`` at exit 1 on two images of different constant values."""
+    with torch.no_grad():
+        exits = _lin5().iter_exits(torch.arange(2.0).view(2, 1, 1, 1).expand(2, 3, 32, 32).contiguous())
+        next(exits)
+        return exits.send(keep)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -174,13 +174,16 @@ def test_cli_writes_pt2_stages_that_chain_to_the_models_outputs(tmp_path, capsys
     (tmp_path / 'notes.txt').write_text('not an export')
     kwargs = [f'{k}={v}' for k, v in dict(TINY_MSDNET, n_blocks=2).items()]
     torch.manual_seed(0)
-    assert main(['export', 'msdnet_cifar_b7', '--format', 'pt2', '--out', str(tmp_path), '--thresholds', '0.5',
+    assert main(['export', 'msdnet_cifar_b7', '--format', 'pt2', '--out', str(tmp_path), '--thresholds', 'inf',
                  '--force', '--model-kwargs', *kwargs]) == 0
     assert 'stage_0.pt2, stage_1.pt2, manifest.json' in capsys.readouterr().out
     # --force replaced the earlier export's files and left the others alone.
     assert sorted(p.name for p in tmp_path.iterdir()) == ['manifest.json', 'notes.txt', 'stage_0.pt2', 'stage_1.pt2']
-    manifest = json.loads((tmp_path / MANIFEST).read_text())
-    assert manifest['format'] == 'pt2' and manifest['thresholds'] == [0.5]
+    def refuse(constant):
+        raise ValueError(f'not JSON: {constant}')
+
+    manifest = json.loads((tmp_path / MANIFEST).read_text(), parse_constant=refuse)
+    assert manifest['format'] == 'pt2' and manifest['thresholds'] == [1e8]  # an infinity stored as 1e8
     torch.manual_seed(0)
     model = dynzoo.create_model('msdnet_cifar_b7', **dict(TINY_MSDNET, n_blocks=2)).eval()  # the same weights
     x = _random_batch(3)

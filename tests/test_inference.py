@@ -11,8 +11,8 @@ import torch
 
 import dynzoo
 from dynzoo.cli.evaluate import add_bench_args, add_eval_args, run_bench, run_eval
-from dynzoo.evaluate import measure_early_exit, model_name
-from dynzoo.models._exits import feature_map
+from dynzoo.evaluate import collect_logits, measure_early_exit, model_name
+from dynzoo.models._exits import feature_map, flatten_tensors
 from dynzoo.inference import (ALWAYS, NEVER, ExitRule, early_exit, evaluate_budgeted, fit_thresholds,
                               genetic_threshold_search, geometric_fractions, scan_predict, simulate_early_exit)
 
@@ -393,8 +393,59 @@ def test_measure_early_exit_counts_where_images_leave_and_what_they_cost():
     everyone_first = measure_early_exit(model, loader, ExitRule([ALWAYS] * 4))
     assert everyone_first['exit_fractions'] == [1, 0, 0, 0, 0] and everyone_first['mean_macs'] == macs[0]
 
+    # At another input size the ratio is to the full network's MACs at that size.
+    big = [(torch.randn(3, 3, 40, 40), torch.tensor([0, 1, 2]))]
+    assert measure_early_exit(model, big, ExitRule([NEVER] * 4))['macs_ratio'] == 1
+    assert measure_early_exit(model, big, ExitRule([NEVER] * 4))['mean_macs'] > macs[-1]
+
     # SCAN's rule: no exit fires at NEVER, so the ensemble of all exits answers (outcome num_exits)
     ensemble = measure_early_exit(model, loader, ExitRule([NEVER] * 5, fallback='ensemble'))
     assert ensemble['exit_fractions'] == [0, 0, 0, 0, 0, 1] and ensemble['macs_ratio'] == 1
     mean_logits = torch.stack(model(images)).mean(0)
     assert ensemble['accuracy'] == (mean_logits.argmax(1) == labels).double().mean().item()
+
+
+@pytest.mark.parametrize('name, hooked', [('scan_resnet18', 'layer1'), ('msdnet_cifar_b7', 'blocks.0')])
+def test_early_exit_leaves_what_forward_hooks_kept_intact(name, hooked):
+    """Samples that leave are dropped from the stage state in place, unless a hook may hold its tensors."""
+    torch.manual_seed(0)
+    model = dynzoo.create_model(name, num_classes=10).eval()
+    x = torch.randn(8, 3, 32, 32)
+    kept = []
+    model.get_submodule(hooked).register_forward_hook(lambda module, args, output: kept.append(output))
+    with torch.no_grad():
+        logits = model(x)
+    expected = [t.clone() for t in flatten_tensors(kept[0])]
+    confidence = torch.softmax(logits[0], 1).amax(1)
+    threshold = confidence.median().item()  # about half the batch leaves at exit 1
+    early_exit(model, x, [threshold] + [NEVER] * (model.num_exits - 2))  # counts the MACs: the hook runs too
+    kept.clear()
+    result = early_exit(model, x, [threshold] + [NEVER] * (model.num_exits - 2))
+    assert 0 < (result.exits == 0).sum() < len(x)
+    seen = flatten_tensors(kept[0])
+    assert len(seen) == len(expected)
+    for got, want in zip(seen, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_collect_logits_restores_the_models_mode():
+    model = dynzoo.create_model('msdnet_cifar_lin5', num_classes=10).train()
+    loader = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))]
+    logits, labels = collect_logits(model, loader)
+    assert model.training and len(logits) == 5
+    with torch.no_grad():
+        torch.testing.assert_close(logits[-1], model.eval()(loader[0][0])[-1])
+
+
+def test_cli_checks_counts_before_running_images(monkeypatch):
+    def no_images(*args, **kwargs):
+        raise AssertionError('images ran before the arguments were checked')
+    monkeypatch.setattr('dynzoo.cli.evaluate.collect_logits', no_images)
+    monkeypatch.setattr('dynzoo.cli.evaluate.measure_early_exit', no_images)
+    for mode in ('early-exit', 'budget'):
+        with pytest.raises(ValueError, match=r'--temperature takes one value for every exit or one per exit \(5\)'):
+            run_eval(_parse(add_eval_args, ['msdnet_cifar_lin5', '--num-classes', '10', '--mode', mode,
+                                            '--temperature', '1', '2']))
+    with pytest.raises(ValueError, match=r'needs 5 thresholds \(or 4'):
+        run_eval(_parse(add_eval_args, ['msdnet_cifar_lin5', '--num-classes', '10', '--mode', 'early-exit',
+                                        '--thresholds', '0.5', '0.5']))

@@ -198,6 +198,12 @@ def test_fit_to_budget_meets_the_budget():
         fit_to_budget(val_logits, macs, 15.0, ExitPolicy('patience'))  # nobody can leave at the first exit
     with pytest.raises(ValueError, match='budget 5 MACs is below the cheapest max_prob operating point'):
         fit_to_budget(val_logits, macs, 5.0)
+    # Below the grid's cheapest point (q = 1e-3 keeps one sample from exit 1) lies everyone leaving at exit 1.
+    cheapest_on_grid = simulate_early_exit(val_logits, ExitPolicy().fit(val_logits, geometric_fractions(1e-3, 5)),
+                                           macs).mean_macs
+    assert cheapest_on_grid > 10.0
+    everyone_first = fit_to_budget(val_logits, macs, (10.0 + cheapest_on_grid) / 2)
+    assert simulate_early_exit(val_logits, everyone_first, macs).exit_fractions(5) == [1, 0, 0, 0, 0]
 
 
 def test_policy_round_trips_as_a_dict_and_runs_the_one_loop():

@@ -209,6 +209,9 @@ def _policy(args, num_exits: int, val_logits=None, val_labels=None) -> ExitPolic
     temperatures = args.temperature
     if temperatures is not None and len(temperatures) == 1:
         temperatures = temperatures * num_exits
+    if temperatures is not None and len(temperatures) != num_exits:
+        raise ValueError(f'--temperature takes one value for every exit or one per exit ({num_exits}), got '
+                         f'{len(temperatures)}')
     if args.calibrate:
         if val_logits is None:
             raise ValueError('--calibrate fits temperatures on held-out images: use it with --q or --budget, or give '
@@ -222,11 +225,12 @@ def _policy_meta(policy: ExitPolicy) -> Dict:
 
 
 def _eval_budget(model, args, transform) -> ResultTable:
+    policy = None if args.calibrate else _policy(args, model.num_exits)  # bad arguments fail before any image runs
     heldout, test = _split_heldout_test(args, transform, args.holdout)
     val_logits, val_labels = collect_logits(model, _loader(heldout, args), progress=True)
     test_logits, test_labels = collect_logits(model, _loader(test, args), progress=True)
     macs = per_exit_macs(model, scope='cascade')
-    policy = _policy(args, model.num_exits, val_logits, val_labels)
+    policy = policy or _policy(args, model.num_exits, val_logits, val_labels)
     rows = evaluate_budgeted(val_logits, val_labels, test_logits, test_labels, macs, policy=policy)
     rows = [dict(q=r['q'], accuracy=r['accuracy'], expected_macs=r['expected_macs'],
                  exit_fractions=r['exit_fractions'], thresholds=r['thresholds']) for r in rows]
@@ -239,13 +243,15 @@ def _eval_budget(model, args, transform) -> ResultTable:
 def _eval_early_exit(model, args, transform) -> ResultTable:
     macs = per_exit_macs(model, scope='cascade')
     if args.thresholds is not None:
-        test = _limited(_dataset(args, 'test', transform), args.limit)
         policy = _policy(args, model.num_exits)
         points = [('given', policy.with_thresholds(args.thresholds))]
+        points[0][1].check(model.num_exits)  # before any image runs
+        test = _limited(_dataset(args, 'test', transform), args.limit)
     else:
+        policy = None if args.calibrate else _policy(args, model.num_exits)
         heldout, test = _split_heldout_test(args, transform, args.holdout)
         val_logits, val_labels = collect_logits(model, _loader(heldout, args), progress=True)
-        policy = _policy(args, model.num_exits, val_logits, val_labels)
+        policy = policy or _policy(args, model.num_exits, val_logits, val_labels)
         if args.budget is not None:
             points = [(f'budget {b:g}', fit_to_budget(val_logits, macs, b, policy)) for b in args.budget]
         else:

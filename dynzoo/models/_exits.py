@@ -33,6 +33,7 @@ import torch
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from ._fuse import has_call_hooks
 from ._inputs import check_input_tensor, checks_input
 
 
@@ -52,7 +53,7 @@ def feature_map(x: Union[torch.Tensor, GrowingMap]) -> torch.Tensor:
     return x.map if isinstance(x, GrowingMap) else x
 
 
-def compact_batch(state, rows: torch.Tensor, protected: torch.Tensor):
+def compact_batch(state, rows: torch.Tensor, protected: torch.Tensor, in_place: bool = True):
     """Keep the batch rows ``rows`` (1-D, distinct) of every tensor in a (nested list/tuple) stage state.
 
     Returns ``(state, order)``: the new state holds the kept samples in the first ``len(rows)`` rows of the same
@@ -62,7 +63,8 @@ def compact_batch(state, rows: torch.Tensor, protected: torch.Tensor):
     would copy all of them (and a ``GrowingMap`` keeps growing in place in its buffer). A tensor that shares memory
     with ``protected`` (the caller's input) is never written: its kept rows are gathered into a new tensor, in the
     same memory format, in the same order; so is one whose samples share memory with each other (a batch expanded
-    from one sample).
+    from one sample), and with ``in_place=False`` every tensor (where others may hold the state's tensors: a
+    forward hook that kept a layer's output).
     """
     size = len(rows)
     stays = rows < size
@@ -81,6 +83,8 @@ def compact_batch(state, rows: torch.Tensor, protected: torch.Tensor):
 
     def compact(tensor):
         if isinstance(tensor, GrowingMap):
+            if not in_place:
+                return compact(tensor.map)
             kept = compact(tensor.map)  # in place: its rows are the buffer's
             buffer = tensor.spare.pop() if tensor.spare else None
             return GrowingMap(kept, [] if buffer is None else [buffer[:size]])
@@ -89,7 +93,8 @@ def compact_batch(state, rows: torch.Tensor, protected: torch.Tensor):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f'cannot select samples from a stage state of type {type(tensor).__name__}')
         row_extent = sum((n - 1) * stride for n, stride in zip(tensor.shape[1:], tensor.stride()[1:])) + 1
-        if tensor.untyped_storage().data_ptr() == protected_storage or tensor.stride(0) < row_extent:
+        if (not in_place or tensor.untyped_storage().data_ptr() == protected_storage
+                or tensor.stride(0) < row_extent):
             channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
             gathered = torch.empty((size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device,
                                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -99,6 +104,29 @@ def compact_batch(state, rows: torch.Tensor, protected: torch.Tensor):
         return tensor[:size]
 
     return compact(state), order
+
+
+def _check_keep(keep, num_inside: int, device) -> torch.Tensor:
+    """``iter_exits``'s ``send(keep)`` argument as a 1-D long tensor of distinct positions among the ``num_inside``
+    samples still inside, or a ``ValueError`` that says what ``keep`` must be."""
+    what = (f'send(keep) takes the samples to keep among the {num_inside} still inside: a 1-D tensor or sequence of '
+            f'distinct positions in 0..{num_inside - 1}, or a boolean mask of length {num_inside}')
+    try:
+        keep = torch.as_tensor(keep, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f'{what}; got {type(keep).__name__}') from error
+    if keep.dim() != 1 or keep.is_floating_point() or keep.is_complex():
+        raise ValueError(f'{what}; got a tensor of shape {tuple(keep.shape)} and dtype {keep.dtype}')
+    if keep.dtype == torch.bool:
+        if len(keep) != num_inside:
+            raise ValueError(f'{what}; got a mask of length {len(keep)}')
+        return torch.nonzero(keep).squeeze(1)
+    keep = keep.long()
+    if len(keep) and (keep.min() < 0 or keep.max() >= num_inside):
+        raise ValueError(f'{what}; got positions {keep.min().item()}..{keep.max().item()}')
+    if len(keep) > 1 and len(torch.unique(keep)) != len(keep):
+        raise ValueError(f'{what}; got a position more than once')
+    return keep
 
 
 def flatten_tensors(state) -> List[torch.Tensor]:
@@ -180,21 +208,27 @@ class MultiExitNetwork(nn.Module):
     def iter_exits(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """Yield the logits of exit 1, 2, ... computing each stage only when the next exit is requested.
 
-        Instead of ``next(gen)``, a caller may ``gen.send(index)`` with a 1-D tensor of the batch positions to keep:
+        Instead of ``next(gen)``, a caller may ``gen.send(keep)`` with the samples to keep, as positions in the
+        last logits yielded (a 1-D integer tensor or sequence of distinct positions, or a boolean mask over them):
         the next exit (returned by ``send``) and every later stage then run on those samples only. This is what
         ``dynzoo.early_exit`` uses to skip the work of samples that already exited. The stage state is compacted in
         place (``compact_batch``: only kept samples outside the first rows move), so its rows may come to hold the
-        samples in another order; the logits are always yielded in the caller's order.
+        samples in another order; the logits are always yielded in the caller's order. With forward hooks on the
+        model's layers, which may have kept a stage's tensors, the kept samples are copied into new tensors instead.
         """
         self.check_input(x)
         state = x
         order: Optional[torch.Tensor] = None  # row of the state that holds each sample, when not the identity
+        in_place: Optional[bool] = None  # decided at the first send
         for k in range(self.num_exits):
             state = self.forward_stage(k, state)
             logits = self.forward_exit(k, state)
-            keep: Optional[torch.Tensor] = yield logits if order is None else logits.index_select(0, order)
+            keep = yield logits if order is None else logits.index_select(0, order)
             if keep is not None:
-                state, order = compact_batch(state, keep if order is None else order[keep], x)
+                keep = _check_keep(keep, len(logits), logits.device)
+                if in_place is None:
+                    in_place = not has_call_hooks(self.modules())
+                state, order = compact_batch(state, keep if order is None else order[keep], x, in_place)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         return list(self.iter_exits(x))

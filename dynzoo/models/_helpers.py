@@ -1,8 +1,11 @@
 """Helpers shared by the model families: the model builder (dynzoo's pretrained sources, for timm.create_model too),
 checkpoint checking and filtering, default configs (untagged default, weights released by others), init."""
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
+import timm
 import torch
 from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs
 from timm.models._builder import pretrained_cfg_for_features
@@ -169,6 +172,16 @@ def dynzoo_default_cfgs(cfgs: Dict[str, Dict[str, Any]],
     return generate_default_cfgs({**tagged, **untagged})
 
 
+def _outside_libraries() -> int:
+    """The ``stacklevel`` of the innermost caller outside dynzoo and timm, for a warning to point at the user's
+    line, however many library frames lie between (``dynzoo.create_model`` or ``timm.create_model``)."""
+    libraries = tuple(str(Path(module.__file__).parent) for module in (sys.modules['dynzoo'], timm))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(libraries):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def build_model(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, pretrained_cfg=None,
                 pretrained_cfg_overlay: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
     """timm's ``build_model_with_cfg``, taking the weights from dynzoo's sources (``dynzoo.pretrained``).
@@ -182,6 +195,12 @@ def build_model(model_cls: Callable[..., nn.Module], variant: str, pretrained: b
 
     if kwargs.get('features_only') and kwargs.get('feature_cls', 'getter') == 'getter':
         return _feature_getter(model_cls, variant, pretrained, pretrained_cfg, pretrained_cfg_overlay, **kwargs)
+
+    if not pretrained and pretrained_cfg_overlay and any(
+            pretrained_cfg_overlay.get(key) is not None for key in ('file', 'state_dict')):
+        warnings.warn(f'{variant}: pretrained_cfg_overlay names weights, but pretrained=False, so they are not loaded '
+                      '(timm loads an overlay\'s weights only with pretrained=True): pass pretrained=True',
+                      UserWarning, stacklevel=_outside_libraries())
 
     def build(overlay):
         return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg,
