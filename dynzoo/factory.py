@@ -59,7 +59,9 @@ def create_model(
     it is not loaded, where timm is silent). Otherwise ``pretrained=True`` looks in the offline
     mirror (``$DYNZOO_HUB_MIRROR``, then the weights shipped in ``dynzoo/weights/``), then the Hugging Face Hub
     (through timm and huggingface_hub's cache), then the weights' URL (downloaded to torch.hub's cache); see
-    ``dynzoo.pretrained``. A bare architecture name loads its default (best released) weights.
+    ``dynzoo.pretrained``. A bare architecture name loads its default tag's weights (``msdnet_step4``: the best
+    released); a CIFAR architecture's bare name is the untrained default, so its weights take the tag
+    (``msdnet_cifar_b7.c10``), as the error for a bare name says.
     """
     _check_name(model_name)
     if num_classes is not None:
