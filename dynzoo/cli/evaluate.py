@@ -244,8 +244,9 @@ def _eval_early_exit(model, args, transform) -> ResultTable:
     macs = per_exit_macs(model, scope='cascade')
     if args.thresholds is not None:
         policy = _policy(args, model.num_exits)
-        points = [('given', policy.with_thresholds(args.thresholds))]
-        points[0][1].check(model.num_exits)  # before any image runs
+        given = policy.with_thresholds(args.thresholds)
+        given.check(model.num_exits)  # before any image runs
+        points = [('given', given)]
         test = _limited(_dataset(args, 'test', transform), args.limit)
     else:
         policy = None if args.calibrate else _policy(args, model.num_exits)
